@@ -1,0 +1,43 @@
+"""hf_encore: lifelong knowledge editing (MEMIT, AlphaEdit, ENCORE) for Hugging Face models, as a PEFT adapter.
+
+    from hf_encore import get_encore_model, EncoreConfig, load_model
+    base, tokenizer = load_model()                       # the built-in SmolLM2-135M
+    model = get_encore_model(base, EncoreConfig(method="encore"), tokenizer=tokenizer)
+    report = model.edit([{"prompt": "{} plays the sport of", "subject": "LeBron James", "target_new": "football"}])
+"""
+
+from __future__ import annotations
+
+from .config import METHOD_PRESETS, METHODS, EncoreConfig
+from .editing.report import EditReport
+from .editing.requests import EditRequest
+from .layer import EncoreLayer
+from .model import EncoreModel
+from .models import DEFAULT_MODEL, load_model
+from .registry import register
+
+register()
+
+__all__ = [
+    "DEFAULT_MODEL", "EditReport", "EditRequest", "EncoreConfig", "EncoreLayer", "EncoreModel", "METHODS",
+    "METHOD_PRESETS", "get_encore_model", "load_model",
+]
+__version__ = "0.1.0"
+
+
+def get_encore_model(model, config: EncoreConfig | None = None, *, adapter_name: str = "default", tokenizer=None,
+                     corpus=None):
+    """Wrap a transformers causal LM in a ``PeftModel`` carrying an Encore adapter.
+
+    ``tokenizer`` is kept for ``edit()`` (else loaded from the model's ``name_or_path``); ``corpus`` is the text used
+    for the second-moment statistics (else model-generated text, with a warning).
+    """
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, config or EncoreConfig(), adapter_name=adapter_name)
+    tuner = peft_model.base_model
+    if tokenizer is not None:
+        tuner.__dict__["tokenizer"] = tokenizer
+    if corpus is not None:
+        tuner.__dict__["stats_corpus"] = corpus
+    return peft_model

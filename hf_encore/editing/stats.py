@@ -1,0 +1,188 @@
+"""Second-moment statistics C₀ = (1/N) Σ k kᵀ of W_out's inputs over generic text (ALGORITHM.md §5).
+
+All edited layers are collected in one pass that stops after the deepest of them, accumulated in float64, and
+cached on disk (float32 safetensors) under a key made of the model fingerprint, the layer, the corpus and the
+token count, so statistics for another model, layer or corpus are never picked up by mistake.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence, Union
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .tracing import ModelAccess, pad_right
+
+logger = logging.getLogger(__name__)
+
+Corpus = Union[None, str, os.PathLike, Sequence[str], "datasets.Dataset"]  # noqa: F821
+
+
+@dataclass(frozen=True)
+class CorpusTexts:
+    texts: list[str]
+    corpus_id: str  # content hash: the same texts give the same id wherever they come from
+    description: str
+
+
+def _content_id(texts: Sequence[str]) -> str:
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode("utf-8"))
+        digest.update(b"\0")
+    return digest.hexdigest()[:24]
+
+
+def read_corpus(corpus: Corpus) -> CorpusTexts:
+    """Texts from a file or directory of ``.txt`` files (one paragraph per non-empty line), a list of strings, or a
+    ``datasets`` dataset with a ``text`` column."""
+    if isinstance(corpus, (str, os.PathLike)):
+        path = Path(corpus)
+        files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
+        if not files or not all(f.is_file() for f in files):
+            raise FileNotFoundError(f"statistics corpus not found: {path}")
+        texts = [line.strip() for f in files for line in f.read_text(encoding="utf-8").splitlines()]
+        # WikiText headings (" = Title = ") are not running text.
+        texts = [t for t in texts if t and not (t.startswith("=") and t.endswith("="))]
+        description = ", ".join(f.name for f in files)
+    elif hasattr(corpus, "column_names"):
+        if "text" not in corpus.column_names:
+            raise ValueError(f"the statistics dataset needs a 'text' column, has {corpus.column_names}")
+        texts = [t for t in corpus["text"] if t and t.strip()]
+        description = f"dataset {getattr(corpus, 'info', None) and corpus.info.dataset_name}"
+    elif isinstance(corpus, Sequence) and all(isinstance(t, str) for t in corpus):
+        texts = [t for t in corpus if t.strip()]
+        description = f"{len(texts)} texts"
+    else:
+        raise TypeError(f"unsupported statistics corpus: {type(corpus).__name__}")
+    if not texts:
+        raise ValueError("the statistics corpus holds no text")
+    return CorpusTexts(texts, _content_id(texts), description)
+
+
+@torch.no_grad()
+def generated_corpus(lm, tokenizer, n_tokens: int, seed: int = 0, batch: int = 16, length: int = 128) -> CorpusTexts:
+    """Model-generated text, for when the user gives no corpus (sampled, seeded)."""
+    logger.warning("No statistics corpus given: generating %d tokens of text with the model itself for C₀. "
+                   "Pass a corpus of real text (e.g. Wikipedia) for better statistics.", n_tokens)
+    device = next(lm.parameters()).device
+    starts = ["The", "In", "A", "It", "This", "When", "He", "She", "After", "According to", "One", "There"]
+    texts: list[str] = []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    bar = tqdm(total=n_tokens, desc="generating text for C₀", leave=False)
+    produced = 0
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        while produced < n_tokens:
+            for start in starts[: batch]:
+                enc = tokenizer(start, return_tensors="pt").to(device)
+                out = lm.generate(**enc, do_sample=True, top_k=50, top_p=1.0, temperature=1.0,
+                                  max_new_tokens=length, pad_token_id=pad)
+                texts.append(tokenizer.decode(out[0], skip_special_tokens=True))
+                produced += out.shape[1]
+                bar.update(out.shape[1])
+                if produced >= n_tokens:
+                    break
+    bar.close()
+    return CorpusTexts(texts, f"generated-{seed}-{n_tokens}", "model-generated text")
+
+
+def packed_chunks(tokenizer, texts: Iterable[str], n_tokens: int, seq_len: int) -> list[list[int]]:
+    """Tokenise texts in order and cut them into sequences of at most ``seq_len`` tokens, ``n_tokens`` in all."""
+    chunks: list[list[int]] = []
+    total = 0
+    for text in texts:
+        ids = tokenizer(text)["input_ids"]
+        for start in range(0, len(ids), seq_len):
+            piece = ids[start: start + seq_len][: n_tokens - total]
+            if len(piece) < 2:
+                continue
+            chunks.append(piece)
+            total += len(piece)
+            if total >= n_tokens:
+                return chunks
+    if total < n_tokens:
+        logger.warning("The statistics corpus has only %d tokens (%d asked for)", total, n_tokens)
+    return chunks
+
+
+@torch.no_grad()
+def second_moments(
+    access: ModelAccess, chunks: list[list[int]], layers: Sequence[int], pad_id: int, max_tokens: int,
+    progress: bool = True,
+) -> tuple[dict[int, torch.Tensor], int]:
+    """C₀ per layer [d_k, d_k] (float64) over every non-pad token of ``chunks``, in one pass per batch that stops
+    after the deepest layer. Returns ``({layer: C₀}, N_tokens)``."""
+    sums: dict[int, torch.Tensor] = {}
+    count = 0
+    per_batch = max(1, max_tokens // max(len(c) for c in chunks))
+    bar = tqdm(total=sum(len(c) for c in chunks), desc="second-moment statistics", unit="tok",
+               disable=not progress, leave=False)
+    for start in range(0, len(chunks), per_batch):
+        batch = chunks[start: start + per_batch]
+        ids, mask = pad_right(batch, pad_id)
+        got = access.trace(ids, mask, mlp_inputs=list(layers))
+        real = mask.bool().to(access.device)
+        for layer in layers:
+            k = got[("key", layer)][real].float()  # [tokens, d_k]
+            kk = (k.T @ k).double().cpu()
+            sums[layer] = kk if layer not in sums else sums[layer] + kk
+        count += int(mask.sum())
+        bar.update(int(mask.sum()))
+    bar.close()
+    return {layer: s / count for layer, s in sums.items()}, count
+
+
+def stats_cache_key(model_fingerprint: str, layer: int, module: str, corpus_id: str, n_tokens: int,
+                    seq_len: int) -> str:
+    payload = json.dumps([model_fingerprint, layer, module, corpus_id, n_tokens, seq_len])
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def load_cached(path: Path, expect: dict[str, str]) -> torch.Tensor | None:
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if any(meta.get(k) != v for k, v in expect.items()):
+        logger.warning("Ignoring statistics file %s: it was made for %s", path, meta)
+        return None
+    return load_file(str(path))["c0"].double()
+
+
+def save_cached(path: Path, c0: torch.Tensor, metadata: dict[str, str]) -> None:
+    """Write beside and rename, so an interrupted write never leaves a file that loads."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({"c0": c0.float().contiguous()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A hash of every parameter and buffer of the (unedited) model: names, shapes, dtypes and bytes."""
+    digest = hashlib.blake2b(digest_size=16)
+    seen: set[int] = set()
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.data_ptr() in seen or tensor.device.type == "meta":
+            continue
+        seen.add(tensor.data_ptr())
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        t = tensor.detach().contiguous().cpu()
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()

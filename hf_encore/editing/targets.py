@@ -1,0 +1,257 @@
+"""Step 1: the target hidden state z of every request at the critical layer L, optimised as one batch with MPES.
+
+Each request r has its own δ_r ∈ R^{d_v}, its own Adam state and its own stopping decision; requests that stop
+leave the batch. Block L's outputs on every prompt are computed once and replayed; each step runs only the blocks
+above L and computes logits only at the target and KL positions (ALGORITHM.md §2–3).
+
+Sequence layout: request r owns sequences ``r·(P+1) … r·(P+1)+P``: its P rewriting prompts (one per context
+template, the raw ``"{}"`` first), then its KL prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .requests import PreparedRequest
+from .tracing import ModelAccess, chunk_by_tokens, pad_right
+
+LOSS_THRESHOLD = 5e-2
+
+
+@dataclass(frozen=True)
+class TargetSettings:
+    lr: float
+    num_steps: int
+    clamp_norm_factor: float
+    weight_decay: float
+    kl_factor: float
+    mpes: bool
+    mpes_extra_steps: int
+    mpes_check_raw_prompt: bool
+    max_tokens_per_forward: int
+
+
+@dataclass
+class TargetResult:
+    z: torch.Tensor  # [n, d_v]
+    h_init: torch.Tensor  # [n, d_v]
+    steps: list[int]  # optimiser steps taken per request
+    mpes_stopped: list[bool]
+    p_target_before: list[float]  # p(target | raw prompt) before any edit of this batch
+    final_loss: list[float]
+
+
+class RowAdam:
+    """Adam on the rows of a [n, d] tensor, each row with its own step count (torch's defaults otherwise)."""
+
+    def __init__(self, n: int, d: int, lr: float, betas=(0.9, 0.999), eps: float = 1e-8) -> None:
+        self.lr, self.beta1, self.beta2, self.eps = lr, betas[0], betas[1], eps
+        self.m = torch.zeros(n, d)
+        self.v = torch.zeros(n, d)
+        self.t = torch.zeros(n)
+
+    @torch.no_grad()
+    def step(self, param: torch.Tensor, grad: torch.Tensor, rows: torch.Tensor) -> None:
+        """Update ``param[rows]`` with ``grad[rows]``; other rows and their state are untouched."""
+        g = grad[rows]
+        self.t[rows] += 1
+        self.m[rows] = self.beta1 * self.m[rows] + (1 - self.beta1) * g
+        self.v[rows] = self.beta2 * self.v[rows] + (1 - self.beta2) * g * g
+        t = self.t[rows].unsqueeze(1)
+        m_hat = self.m[rows] / (1 - self.beta1**t)
+        v_hat = self.v[rows] / (1 - self.beta2**t)
+        param[rows] -= self.lr * m_hat / (v_hat.sqrt() + self.eps)
+
+
+@dataclass
+class _Layout:
+    """Flattened sequences of a batch and where their target tokens are."""
+
+    ids: list[list[int]]  # [S] token ids
+    lookup: torch.Tensor  # [S] subject's last token per sequence
+    tok_seq: torch.Tensor  # [M] sequence of each target token
+    tok_pos: torch.Tensor  # [M] position whose logits predict it
+    tok_label: torch.Tensor  # [M] the token id
+    tok_checked: torch.Tensor  # [M] bool: counts for the MPES argmax check
+    target_len: torch.Tensor  # [n]
+    per_request: int  # P + 1
+    kl_seq: torch.Tensor = field(init=False)  # [n]
+    raw_seq: torch.Tensor = field(init=False)  # [n]
+
+    def __post_init__(self):
+        n = len(self.target_len)
+        self.raw_seq = torch.arange(n) * self.per_request
+        self.kl_seq = self.raw_seq + self.per_request - 1
+
+
+def build_layout(prepared: list[PreparedRequest], check_raw_prompt: bool) -> _Layout:
+    ids, lookup, tok_seq, tok_pos, tok_label, tok_checked = [], [], [], [], [], []
+    n_prompts = len(prepared[0].prompts)
+    for req in prepared:
+        for t, prompt in enumerate(req.prompts):
+            s = len(ids)
+            ids.append(prompt.ids + req.target_ids[:-1])
+            lookup.append(prompt.subject_last)
+            for j, label in enumerate(req.target_ids):
+                tok_seq.append(s)
+                tok_pos.append(len(prompt.ids) - 1 + j)
+                tok_label.append(label)
+                # The reference code checks only the prefixed prompts; with no prefixes the raw one is all there is.
+                tok_checked.append(t > 0 or check_raw_prompt or n_prompts == 1)
+        ids.append(req.kl_prompt.ids)
+        lookup.append(req.kl_prompt.subject_last)
+    as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    return _Layout(ids, as_long(lookup), as_long(tok_seq), as_long(tok_pos), as_long(tok_label),
+                   torch.tensor(tok_checked), as_long([len(r.target_ids) for r in prepared]), n_prompts + 1)
+
+
+@torch.no_grad()
+def cache_block_outputs(access: ModelAccess, ids: list[list[int]], layer: int, pad_id: int,
+                        max_tokens: int) -> list[torch.Tensor]:
+    """Block ``layer``'s output for every sequence: a list of [len_s, d_v] tensors."""
+    outputs: list[torch.Tensor] = [None] * len(ids)  # type: ignore[list-item]
+    for chunk in chunk_by_tokens([len(s) for s in ids], max_tokens):
+        batch_ids, mask = pad_right([ids[i] for i in chunk], pad_id)
+        hidden = access.trace(batch_ids, mask, block_outputs=[layer])[("block", layer)]
+        for row, i in enumerate(chunk):
+            outputs[i] = hidden[row, : len(ids[i])].detach().float().cpu()
+    return outputs
+
+
+def _pad_hidden(cached: list[torch.Tensor], seqs: list[int]) -> torch.Tensor:
+    length = max(cached[s].shape[0] for s in seqs)
+    out = torch.zeros(len(seqs), length, cached[seqs[0]].shape[1])
+    for row, s in enumerate(seqs):
+        out[row, : cached[s].shape[0]] = cached[s]
+    return out
+
+
+def optimise_targets(
+    access: ModelAccess,
+    prepared: list[PreparedRequest],
+    layer: int,
+    settings: TargetSettings,
+    pad_id: int,
+    progress: bool = True,
+) -> TargetResult:
+    """Find z_r = h_r + δ_r at block ``layer``'s output for every request (ALGORITHM.md §2–3)."""
+    n = len(prepared)
+    lay = build_layout(prepared, settings.mpes_check_raw_prompt)
+    per = lay.per_request
+    cached = cache_block_outputs(access, lay.ids, layer, pad_id, settings.max_tokens_per_forward)
+    d = cached[0].shape[1]
+    h_init = torch.stack([cached[s][lay.lookup[s]] for s in lay.raw_seq.tolist()])  # [n, d]
+    h_norm = h_init.norm(dim=1)  # [n]
+    delta = torch.zeros(n, d, requires_grad=True)
+    adam = RowAdam(n, d, settings.lr)
+    log_p0 = [None] * n  # KL reference distributions, recorded at iteration 0
+    mpes_count = torch.zeros(n, dtype=torch.long)
+    steps = [0] * n
+    stopped_by_mpes = [False] * n
+    p_before = [0.0] * n
+    final_loss = [float("nan")] * n
+    active = list(range(n))
+    request_tokens = [sum(len(lay.ids[r * per + j]) for j in range(per)) for r in range(n)]
+    device = access.device
+
+    bar = tqdm(total=settings.num_steps, desc="z-optimisation", disable=not progress, leave=False)
+    for it in range(settings.num_steps):
+        if not active:
+            break
+        delta.grad = None
+        continuing: list[int] = []
+        for chunk_pos in chunk_by_tokens([request_tokens[r] for r in active], settings.max_tokens_per_forward):
+            reqs = [active[i] for i in chunk_pos]
+            seqs = [r * per + j for r in reqs for j in range(per)]
+            row_of_seq = torch.full((len(lay.ids),), -1, dtype=torch.long)
+            row_of_seq[seqs] = torch.arange(len(seqs))
+            batch_ids, mask = pad_right([lay.ids[s] for s in seqs], pad_id)
+            local_req = torch.arange(len(reqs)).repeat_interleave(per)  # [rows]
+            reqs_t = torch.tensor(reqs)
+            # δ_r is added at the subject's last token of every prompt of request r.
+            hidden = _pad_hidden(cached, seqs).index_put(
+                (torch.arange(len(seqs)), lay.lookup[seqs]), delta[reqs_t[local_req]], accumulate=True)
+            with access.replay_from(layer, hidden.to(device)):
+                final = access.final_hidden(batch_ids, mask)  # [rows, T, d]
+
+            tok = (row_of_seq[lay.tok_seq] >= 0).nonzero().squeeze(1)
+            tok_rows = row_of_seq[lay.tok_seq[tok]]
+            logits = access.logits(final[tok_rows.to(device), lay.tok_pos[tok].to(device)]).cpu()  # [m, V]
+            log_probs = logits.log_softmax(-1)
+            labels = lay.tok_label[tok]
+            tok_logp = log_probs.gather(1, labels.unsqueeze(1)).squeeze(1)  # [m]
+            tok_req = local_req[tok_rows]  # [m] local request index
+            tok_len = lay.target_len[reqs_t[tok_req]].float()
+            n_rewrite = per - 1
+            nll = torch.zeros(len(reqs)).index_add(0, tok_req, -tok_logp / tok_len) / n_rewrite  # [r]
+            argmax_ok = (logits.argmax(-1) == labels) | ~lay.tok_checked[tok]
+            all_ok = torch.ones(len(reqs)).index_reduce(0, tok_req, argmax_ok.float(), "amin").bool()
+
+            kl_rows = row_of_seq[lay.kl_seq[reqs_t]]
+            kl_logq = access.logits(final[kl_rows.to(device), lay.lookup[lay.kl_seq[reqs_t]].to(device)]
+                                    ).cpu().log_softmax(-1)  # [r, V]
+            if it == 0:
+                raw_tok = lay.tok_seq[tok] == lay.raw_seq[reqs_t[tok_req]]
+                raw_logp = torch.zeros(len(reqs)).index_add(0, tok_req[raw_tok], tok_logp[raw_tok].detach())
+                for i, r in enumerate(reqs):
+                    log_p0[r] = kl_logq[i].detach()
+                    p_before[r] = float(raw_logp[i].exp())
+            log_p0_chunk = torch.stack([log_p0[r] for r in reqs])
+            kl = settings.kl_factor * (kl_logq.exp() * (kl_logq - log_p0_chunk)).sum(-1)  # KL(p_δ ‖ p_0)
+            wd = settings.weight_decay * delta[reqs_t].norm(dim=1) / h_norm[reqs_t] ** 2
+            loss = nll + kl + wd  # [r]
+            if not torch.isfinite(loss).all():
+                bad = [reqs[i] for i in (~torch.isfinite(loss)).nonzero().squeeze(1).tolist()]
+                raise FloatingPointError(f"non-finite z-optimisation loss for request(s) {bad} at step {it}")
+
+            keep = torch.zeros(len(reqs), dtype=torch.bool)
+            for i, r in enumerate(reqs):
+                final_loss[r] = float(loss[i].detach())
+                if settings.mpes and bool(all_ok[i]):
+                    mpes_count[r] += 1
+                    if mpes_count[r] == settings.mpes_extra_steps + 1:
+                        stopped_by_mpes[r] = True
+                        continue
+                if final_loss[r] < LOSS_THRESHOLD or it == settings.num_steps - 1:
+                    continue
+                keep[i] = True
+            if keep.any():
+                loss[keep].sum().backward()
+            continuing += [r for i, r in enumerate(reqs) if keep[i]]
+
+        if continuing:
+            rows = torch.tensor(continuing)
+            with torch.no_grad():
+                adam.step(delta, delta.grad, rows)
+                limit = settings.clamp_norm_factor * h_norm[rows]
+                norms = delta[rows].norm(dim=1)
+                scale = torch.where(norms > limit, limit / norms.clamp_min(1e-12), torch.ones_like(norms))
+                delta[rows] *= scale.unsqueeze(1)
+            for r in continuing:
+                steps[r] += 1
+        active = continuing
+        bar.update(1)
+        bar.set_postfix(active=len(active))
+    bar.close()
+    z = (h_init + delta.detach()).clone()
+    return TargetResult(z, h_init, steps, stopped_by_mpes, p_before, final_loss)
+
+
+@torch.no_grad()
+def target_probabilities(access: ModelAccess, prepared: list[PreparedRequest], pad_id: int,
+                         max_tokens: int) -> torch.Tensor:
+    """p(target | raw prompt) for every request, teacher-forced, on the current model. → [n]."""
+    ids = [req.prompts[0].ids + req.target_ids[:-1] for req in prepared]
+    out = torch.empty(len(prepared))
+    for chunk in chunk_by_tokens([len(s) for s in ids], max_tokens):
+        batch_ids, mask = pad_right([ids[i] for i in chunk], pad_id)
+        final = access.final_hidden(batch_ids, mask)
+        for row, i in enumerate(chunk):
+            start = len(prepared[i].prompts[0].ids) - 1
+            targets = torch.tensor(prepared[i].target_ids)
+            logp = access.logits(final[row, start: start + len(targets)]).cpu().log_softmax(-1)
+            out[i] = logp.gather(1, targets.unsqueeze(1)).sum().exp()
+    return out

