@@ -47,6 +47,11 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
     "alphaedit": dict(mpes=False, preservation_weight=0.0, norm_weight=0.01, nullspace_projection=True),
 }
 
+# AlphaEdit's 2e-2 is an absolute eigenvalue of Llama3-8B's C₀, whose spectrum has a real null space. Small models'
+# C₀ is full rank (SmolLM2: smallest eigenvalue ≈ 0.1 × median), so the relative default is in units of the mean
+# eigenvalue tr(C₀)/d_k.
+NULLSPACE_THRESHOLD = {"absolute": 2e-2, "relative": 1.0}
+
 _SWITCHES = ("mpes", "preservation_weight", "norm_weight", "nullspace_projection")
 
 
@@ -87,7 +92,7 @@ class EncoreConfig(PeftConfig):
     preservation_weight: Optional[float] = None
     norm_weight: Optional[float] = None
     nullspace_projection: Optional[bool] = None
-    nullspace_threshold: float = 2e-2
+    nullspace_threshold: Optional[float] = None
     regularizer_scale: Literal["relative", "absolute"] = "relative"
 
     v_lr: float = 0.5
@@ -116,6 +121,8 @@ class EncoreConfig(PeftConfig):
         for name, value in METHOD_PRESETS[self.method].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        if self.nullspace_threshold is None:
+            self.nullspace_threshold = NULLSPACE_THRESHOLD[self.regularizer_scale]
         self.validate()
 
     def validate(self) -> None:
@@ -161,5 +168,7 @@ class EncoreConfig(PeftConfig):
         if "method" in overrides:
             for name in _SWITCHES:
                 values[name] = None
+        if "method" in overrides or "regularizer_scale" in overrides:
+            values["nullspace_threshold"] = None
         values.update(overrides)
         return EncoreConfig(**values)

@@ -51,7 +51,7 @@ class RowAdam:
         self.lr, self.beta1, self.beta2, self.eps = lr, betas[0], betas[1], eps
         self.m = torch.zeros(n, d)
         self.v = torch.zeros(n, d)
-        self.t = torch.zeros(n)
+        self.t = torch.zeros(n, dtype=torch.float64)  # bias corrections 1 − β^t lose digits in float32
 
     @torch.no_grad()
     def step(self, param: torch.Tensor, grad: torch.Tensor, rows: torch.Tensor) -> None:
@@ -61,9 +61,9 @@ class RowAdam:
         self.m[rows] = self.beta1 * self.m[rows] + (1 - self.beta1) * g
         self.v[rows] = self.beta2 * self.v[rows] + (1 - self.beta2) * g * g
         t = self.t[rows].unsqueeze(1)
-        m_hat = self.m[rows] / (1 - self.beta1**t)
-        v_hat = self.v[rows] / (1 - self.beta2**t)
-        param[rows] -= self.lr * m_hat / (v_hat.sqrt() + self.eps)
+        # The same arithmetic as torch.optim.Adam, so results match it to rounding.
+        denom = self.v[rows].sqrt() / (1 - self.beta2**t).sqrt().float() + self.eps
+        param[rows] -= (self.lr / (1 - self.beta1**t)).float() * self.m[rows] / denom
 
 
 @dataclass

@@ -1,0 +1,56 @@
+"""Shared fixtures: the real SmolLM2-135M (fetched and cached once by hf_encore itself) and the shared data."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_encore.data import data_dir
+
+torch.set_num_threads(max(1, torch.get_num_threads()))
+logging.getLogger("hf_encore").setLevel(logging.WARNING)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    path = data_dir()
+    if not (path / "counterfact" / "counterfact-edit.json").is_file():
+        pytest.skip(f"shared data not found at {path} (set HF_ENCORE_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus_path(shared_data) -> Path:
+    return shared_data / "corpus" / "wikitext-2-valid.txt"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    from hf_encore.models import ensure_builtin
+
+    return ensure_builtin("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smollm2_dir):
+    from hf_encore.models import load_model
+
+    return load_model(str(smollm2_dir))[1]
+
+
+@pytest.fixture
+def smollm2(smollm2_dir):
+    """A fresh copy of the model for each test (loading the converted copy takes well under a second)."""
+    from hf_encore.models import load_model
+
+    return load_model(str(smollm2_dir))[0]
+
+
+@pytest.fixture(scope="session")
+def cases(shared_data):
+    from hf_encore.data import load_counterfact
+
+    return load_counterfact(shared_data / "counterfact" / "counterfact-edit.json")

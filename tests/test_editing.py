@@ -1,0 +1,104 @@
+"""Editing real facts in the real SmolLM2-135M with each method (issue: core, §3–4)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_encore import EncoreConfig, get_encore_model
+from hf_encore.evaluation import continuation_nll
+
+N_FACTS = 5
+
+
+def edit_requests(cases):
+    return [{k: c[k] for k in ("prompt", "subject", "target_new")} for c in cases[:N_FACTS]]
+
+
+def unrelated_prompts(cases):
+    return [c["locality_prompt"] for c in cases[:N_FACTS]] + [
+        c["prompt"].replace("{}", c["subject"]) for c in cases[N_FACTS: N_FACTS + 15]]
+
+
+@torch.no_grad()
+def top_tokens(model, tokenizer, prompts):
+    out = []
+    for p in prompts:
+        ids = tokenizer(p, return_tensors="pt")
+        out.append(int(model(**ids).logits[0, -1].argmax()))
+    return out
+
+
+def deltas(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "encore_delta" in n}
+
+
+@pytest.fixture(scope="module")
+def edited(request, smollm2_dir, tokenizer, corpus_path, cases):
+    """Each method's edit of the same 5 facts, run once per module: {name: (report, deltas, scores)}."""
+    from hf_encore.models import load_model
+
+    results = {}
+    before_top = None
+    for name, cfg in {
+        "memit": EncoreConfig(method="memit"),
+        "encore": EncoreConfig(method="encore"),
+        "encore_no_mpes": EncoreConfig(method="encore", mpes=False),
+        "alphaedit": EncoreConfig(method="alphaedit"),
+    }.items():
+        base = load_model(str(smollm2_dir))[0]
+        if before_top is None:
+            before_top = top_tokens(base, tokenizer, unrelated_prompts(cases))
+        model = get_encore_model(base, cfg, tokenizer=tokenizer, corpus=corpus_path)
+        report = model.edit(edit_requests(cases), progress=False)
+        facts = cases[:N_FACTS]
+        prompts = [c["prompt"].replace("{}", c["subject"]) for c in facts]
+        nll_new = continuation_nll(model, tokenizer, prompts, [c["target_new"] for c in facts])
+        nll_true = continuation_nll(model, tokenizer, prompts, [c["target_true"] for c in facts])
+        kept = sum(a == b for a, b in zip(before_top, top_tokens(model, tokenizer, unrelated_prompts(cases))))
+        results[name] = {"report": report, "deltas": deltas(model), "new_beats_true": (nll_new < nll_true).tolist(),
+                         "kept_fraction": kept / len(before_top)}
+    return results
+
+
+@pytest.mark.parametrize("method", ["memit", "encore", "alphaedit"])
+def test_method_writes_every_fact(edited, method):
+    result = edited[method]
+    assert all(result["new_beats_true"]), (method, result["new_beats_true"], str(result["report"]))
+    assert all(r.p_target_after > r.p_target_before for r in result["report"].requests)
+
+
+@pytest.mark.parametrize("method", ["memit", "encore", "alphaedit"])
+def test_unrelated_prompts_keep_their_answer(edited, method):
+    assert edited[method]["kept_fraction"] >= 0.8, edited[method]["kept_fraction"]
+
+
+def test_encore_update_is_smaller_than_memit(edited):
+    memit = {lay.layer: lay.delta_norm for lay in edited["memit"]["report"].layers}
+    encore = {lay.layer: lay.delta_norm for lay in edited["encore"]["report"].layers}
+    assert sum(encore.values()) < sum(memit.values())
+    assert all(encore[layer] < memit[layer] for layer in memit), (memit, encore)
+
+
+def test_mpes_takes_fewer_steps(edited):
+    with_mpes = edited["encore"]["report"].requests
+    without = edited["encore_no_mpes"]["report"].requests
+    assert any(r.mpes_stopped for r in with_mpes)
+    assert not any(r.mpes_stopped for r in without)
+    assert sum(r.steps for r in with_mpes) < sum(r.steps for r in without)
+
+
+def test_report_has_layer_norms(edited):
+    report = edited["memit"]["report"]
+    assert [lay.layer for lay in report.layers] == [4, 5, 6, 7, 8]
+    assert all(lay.delta_norm > 0 and lay.weight_norm_ratio > 1.0 for lay in report.layers)
+    assert set(report.seconds) >= {"templates", "statistics", "targets", "keys", "solve", "total"}
+
+
+def test_same_requests_give_identical_deltas(edited, smollm2, tokenizer, corpus_path, cases):
+    model = get_encore_model(smollm2, EncoreConfig(method="encore"), tokenizer=tokenizer, corpus=corpus_path)
+    model.edit(edit_requests(cases), progress=False)
+    again = deltas(model)
+    first = edited["encore"]["deltas"]
+    assert again.keys() == first.keys()
+    assert all(torch.equal(again[k], first[k]) for k in first)
