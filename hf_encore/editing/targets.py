@@ -188,7 +188,7 @@ def optimise_targets(
             n_rewrite = per - 1
             nll = torch.zeros(len(reqs)).index_add(0, tok_req, -tok_logp / tok_len) / n_rewrite  # [r]
             argmax_ok = (logits.argmax(-1) == labels) | ~lay.tok_checked[tok]
-            all_ok = torch.ones(len(reqs)).index_reduce(0, tok_req, argmax_ok.float(), "amin").bool()
+            all_ok = torch.ones(len(reqs)).scatter_reduce(0, tok_req, argmax_ok.float(), "amin").bool()
 
             kl_rows = row_of_seq[lay.kl_seq[reqs_t]]
             kl_logq = access.logits(final[kl_rows.to(device), lay.lookup[lay.kl_seq[reqs_t]].to(device)]
