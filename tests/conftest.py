@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+
+# There is no Hub here: huggingface_hub reads this at import time, so set it before anything imports it.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from pathlib import Path
 
 import pytest
