@@ -10,6 +10,7 @@ The flow of one ``edit()`` (docs/architecture.md):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -135,12 +136,13 @@ class EncoreModel(BaseTuner):
         config = self.peft_config[adapter]
         tokenizer = self._get_tokenizer(tokenizer)
         access = ModelAccess(self.model, self._layout(config))
+        mlp_out = access.layout.mlp_out
         corpus = corpus if corpus is not None else self.stats_corpus
         d_k = access.w_out(config.layers[0]).in_features
         n_tokens = config.stats_n_tokens or max(10_000, 10 * d_k)
         texts = read_corpus(corpus) if corpus is not None else None
         corpus_id = texts.corpus_id if texts else f"generated-{config.seed}-{n_tokens}"
-        keys = {layer: stats_cache_key(self._base_fingerprint, layer, self._layout(config).mlp_out, corpus_id,
+        keys = {layer: stats_cache_key(self._base_fingerprint, layer, mlp_out, corpus_id,
                                        n_tokens, config.stats_seq_len) for layer in config.layers}
         meta = {"model_fingerprint": self._base_fingerprint, "corpus_id": corpus_id, "n_tokens_asked": str(n_tokens)}
         found: dict[int, LayerStatistics] = {}
@@ -172,26 +174,16 @@ class EncoreModel(BaseTuner):
     def _stats_path(key: str) -> Path:
         return cache_dir() / "stats" / f"{key}.safetensors"
 
+    @contextlib.contextmanager
     def disable_adapter_ctx(self):
         """Context in which every adapter is off (the unedited base model)."""
-        import contextlib
-
-        @contextlib.contextmanager
-        def ctx():
-            was_disabled = any(m.disable_adapters for m in self.model.modules() if isinstance(m, EncoreLayer))
-            self._set_adapter_layers(enabled=False)
-            try:
-                yield
-            finally:
-                if not was_disabled:
-                    self._set_adapter_layers(enabled=True)
-
-        return ctx()
-
-    def _set_adapter_layers(self, enabled: bool) -> None:
-        for module in self.model.modules():
-            if isinstance(module, EncoreLayer):
-                module.enable_adapters(enabled)
+        was_disabled = any(m.disable_adapters for m in self.model.modules() if isinstance(m, EncoreLayer))
+        self._enable_adapter_layers(enabled=False)  # PEFT's own switch
+        try:
+            yield
+        finally:
+            if not was_disabled:
+                self._enable_adapter_layers(enabled=True)
 
     # ---- editing ----------------------------------------------------------------------------------------------
 
