@@ -4,6 +4,8 @@
     base, tokenizer = load_model()                       # the built-in SmolLM2-135M
     model = get_encore_model(base, EncoreConfig(method="encore"), tokenizer=tokenizer)
     report = model.edit([{"prompt": "{} plays the sport of", "subject": "LeBron James", "target_new": "football"}])
+    model.save_pretrained("edits/")                      # deltas + what is needed to continue editing
+    model = hf_encore.from_pretrained(base, "edits/")    # later, in another process: use, or edit further
 """
 
 from __future__ import annotations
@@ -12,29 +14,32 @@ from .config import METHOD_PRESETS, METHODS, EncoreConfig
 from .editing.report import EditReport
 from .editing.requests import EditRequest
 from .layer import EncoreLayer
-from .model import EncoreModel
+from .hub import push_to_hub
+from .model import BaseModelMismatchError, EditStateMissingError, EncoreModel
 from .models import DEFAULT_MODEL, load_model
+from .peft_model import EncorePeftModel, from_pretrained
 from .registry import register
+from .serialization import AdapterFileError
 
 register()
 
 __all__ = [
-    "DEFAULT_MODEL", "EditReport", "EditRequest", "EncoreConfig", "EncoreLayer", "EncoreModel", "METHODS",
-    "METHOD_PRESETS", "get_encore_model", "load_model",
+    "AdapterFileError", "BaseModelMismatchError", "DEFAULT_MODEL", "EditReport", "EditRequest",
+    "EditStateMissingError", "EncoreConfig", "EncoreLayer", "EncoreModel", "EncorePeftModel", "METHODS",
+    "METHOD_PRESETS", "from_pretrained", "get_encore_model", "load_model", "push_to_hub",
 ]
 __version__ = "0.1.0"
 
 
 def get_encore_model(model, config: EncoreConfig | None = None, *, adapter_name: str = "default", tokenizer=None,
-                     corpus=None):
-    """Wrap a transformers causal LM in a ``PeftModel`` carrying an Encore adapter.
+                     corpus=None) -> EncorePeftModel:
+    """Wrap a transformers causal LM in an :class:`EncorePeftModel` (a ``PeftModelForCausalLM``) carrying an
+    Encore adapter.
 
     ``tokenizer`` is kept for ``edit()`` (else loaded from the model's ``name_or_path``); ``corpus`` is the text used
     for the second-moment statistics (else model-generated text, with a warning).
     """
-    from peft import get_peft_model
-
-    peft_model = get_peft_model(model, config or EncoreConfig(), adapter_name=adapter_name)
+    peft_model = EncorePeftModel(model, config or EncoreConfig(), adapter_name=adapter_name)
     tuner = peft_model.base_model
     if tokenizer is not None:
         tuner.__dict__["tokenizer"] = tokenizer

@@ -11,6 +11,7 @@ The flow of one ``edit()`` (docs/architecture.md):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from peft.tuners.tuners_utils import BaseTuner
 
-from .architectures import MODEL_LAYOUTS, ModelLayout, layers_for, resolve_layout, target_module_regex
+from .architectures import MODEL_LAYOUTS, ModelLayout, get_blocks, layers_for, resolve_layout, target_module_regex
 from .config import EncoreConfig
 from .editing.keys import keys_and_outputs
 from .editing.report import EditReport, LayerReport, RequestReport
@@ -28,7 +29,7 @@ from .editing.solve import absolute_regularisers, layer_residual, nullspace_proj
 from .editing.state import EditState, LayerStatistics
 from .editing.stats import (
     Corpus, generated_corpus, load_cached, model_fingerprint, packed_chunks, read_corpus, save_cached,
-    second_moments, stats_cache_key,
+    second_moments, stats_cache_key, tensors_fingerprint,
 )
 from .editing.targets import TargetSettings, optimise_targets, target_probabilities
 from .editing.templates import generate_context_templates
@@ -39,6 +40,31 @@ from .models import cache_dir
 logger = logging.getLogger(__name__)
 
 
+class BaseModelMismatchError(ValueError):
+    """The adapter was made for other base weights than the ones it is being attached to."""
+
+
+class EditStateMissingError(RuntimeError):
+    """An adapter holds edits but not the memory of them that further edits need."""
+
+
+def edited_weights_fingerprint(model: torch.nn.Module, layout: ModelLayout, layers: Sequence[int]) -> str:
+    """A hash of the original W_out of the edited layers (the weights the deltas were solved against).
+
+    Wrapped layers are read through to their base weight, and to the kept original while an adapter is merged.
+    """
+    blocks = get_blocks(model, layout)
+    named = []
+    for layer in layers:
+        module = blocks[layer].get_submodule(layout.mlp_out)
+        if isinstance(module, EncoreLayer):
+            weight = module._original_weight if module.merged else module.get_base_layer().weight
+        else:
+            weight = module.weight
+        named.append((f"{layer}.{layout.mlp_out}", weight))
+    return tensors_fingerprint(named)
+
+
 class EncoreModel(BaseTuner):
     """Knowledge-editing adapter: dense deltas on the MLP output projections of a few layers, written in closed
     form by MEMIT / AlphaEdit / ENCORE (``edit``)."""
@@ -46,7 +72,9 @@ class EncoreModel(BaseTuner):
     prefix: str = "encore_"
     tuner_layer_cls = EncoreLayer
     target_module_mapping = {name: [row.mlp_out.rsplit(".", 1)[-1]] for name, row in MODEL_LAYOUTS.items()}
-    uses_shared_state = True
+    # The editing state lives on the tuner, but the deltas alone define the forward pass, so transformers'
+    # ``load_adapter`` (which injects layers without keeping a tuner) can serve an adapter for inference.
+    uses_shared_state = False
 
     # ---- PEFT hooks -------------------------------------------------------------------------------------------
 
@@ -60,8 +88,21 @@ class EncoreModel(BaseTuner):
         config.target_modules = target_module_regex(layout, config.layers)
         if "_base_fingerprint" not in self.__dict__:
             self.__dict__["_base_fingerprint"] = model_fingerprint(model)
+        if config.gguf_file is None:
+            config.gguf_file = getattr(model, "gguf_file", None)
+        actual = edited_weights_fingerprint(model, layout, config.layers)
         if config.base_model_fingerprint is None:
-            config.base_model_fingerprint = self._base_fingerprint
+            config.base_model_fingerprint = actual
+        elif config.base_model_fingerprint != actual:
+            message = (f"Adapter {adapter_name!r} was made for another base model: the weights of its edited layers "
+                       f"{config.layers} do not match (fingerprint {config.base_model_fingerprint}, this model "
+                       f"{actual}; made on {config.base_model_name_or_path!r}"
+                       f"{', GGUF ' + config.gguf_file if config.gguf_file else ''}). Its edits were solved "
+                       "against those weights. To attach it anyway, pass ignore_base_mismatch=True to "
+                       "hf_encore.from_pretrained / load_adapter.")
+            if not getattr(config, "_ignore_base_mismatch", False):
+                raise BaseModelMismatchError(message)
+            logger.warning("%s Attaching it as asked.", message.split(" To attach")[0])
         self.edit_states[adapter_name] = EditState()
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
@@ -83,12 +124,12 @@ class EncoreModel(BaseTuner):
         if tokenizer is not None:
             self.__dict__["tokenizer"] = tokenizer
         if self.tokenizer is None:
-            from transformers import AutoTokenizer
+            from .models import load_tokenizer
 
             source = getattr(self.model, "name_or_path", None)
             if not source:
                 raise ValueError("No tokenizer: pass tokenizer= to get_encore_model or edit()")
-            self.__dict__["tokenizer"] = AutoTokenizer.from_pretrained(source)
+            self.__dict__["tokenizer"] = load_tokenizer(source, gguf_file=getattr(self.model, "gguf_file", None))
         tok = self.tokenizer
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
@@ -138,12 +179,23 @@ class EncoreModel(BaseTuner):
         access = ModelAccess(self.model, self._layout(config))
         mlp_out = access.layout.mlp_out
         corpus = corpus if corpus is not None else self.stats_corpus
+        state = self.edit_states[adapter]
         d_k = access.w_out(config.layers[0]).in_features
         n_tokens = config.stats_n_tokens or max(10_000, 10 * d_k)
+        recorded = [state.stats_refs.get(layer) for layer in config.layers]
         texts = read_corpus(corpus) if corpus is not None else None
-        corpus_id = texts.corpus_id if texts else f"generated-{config.seed}-{n_tokens}"
-        keys = {layer: stats_cache_key(self._base_fingerprint, layer, mlp_out, corpus_id,
-                                       n_tokens, config.stats_seq_len) for layer in config.layers}
+        if texts is None and all(recorded):
+            # A resumed adapter keeps using the statistics its earlier edits were solved with.
+            keys = {layer: ref["cache_key"] for layer, ref in zip(config.layers, recorded)}
+            corpus_id = recorded[-1]["corpus_id"]
+        else:
+            corpus_id = texts.corpus_id if texts else f"generated-{config.seed}-{n_tokens}"
+            keys = {layer: stats_cache_key(self._base_fingerprint, layer, mlp_out, corpus_id,
+                                           n_tokens, config.stats_seq_len) for layer in config.layers}
+            changed = [layer for layer, ref in zip(config.layers, recorded) if ref and ref["cache_key"] != keys[layer]]
+            if changed:
+                logger.warning("Adapter %r switches statistics for layers %s (corpus %s, was %s)", adapter, changed,
+                               corpus_id, state.stats_refs[changed[0]]["corpus_id"])
         meta = {"model_fingerprint": self._base_fingerprint, "corpus_id": corpus_id, "n_tokens_asked": str(n_tokens)}
         found: dict[int, LayerStatistics] = {}
         for layer, key in keys.items():
@@ -154,6 +206,11 @@ class EncoreModel(BaseTuner):
             if c0 is not None:
                 found[layer] = self._stats[key] = LayerStatistics(c0, n_tokens)
         missing = [layer for layer in config.layers if layer not in found]
+        if missing and texts is None and all(recorded):
+            raise FileNotFoundError(
+                f"The statistics adapter {adapter!r} was edited with (layers {missing}, corpus {corpus_id}) are not "
+                "in this machine's cache: pass the same corpus (corpus=...), or save the adapter with "
+                "save_statistics=True so that they travel with it")
         if missing:
             with self.disable_adapter_ctx():
                 if texts is None:
@@ -162,12 +219,27 @@ class EncoreModel(BaseTuner):
                 moments, counted = second_moments(access, chunks, missing, tokenizer.pad_token_id,
                                                   config.max_tokens_per_forward, progress)
             for layer in missing:
-                save_cached(self._stats_path(keys[layer]), moments[layer],
+                # Rounded to the float32 the cache stores, so a resumed run sees exactly the same C₀.
+                c0 = moments[layer].float().double()
+                save_cached(self._stats_path(keys[layer]), c0,
                             {**meta, "layer": str(layer), "n_tokens": str(counted), "corpus": texts.description})
-                found[layer] = self._stats[keys[layer]] = LayerStatistics(moments[layer], counted)
-        state = self.edit_states[adapter]
+                found[layer] = self._stats[keys[layer]] = LayerStatistics(c0, counted)
         for layer in config.layers:
             state.stats_refs[layer] = {"cache_key": keys[layer], "corpus_id": corpus_id, "n_tokens": n_tokens}
+        return found
+
+    def recorded_statistics(self, adapter_name: str) -> dict[int, LayerStatistics]:
+        """C₀ of each layer the adapter's edits were solved with (from memory or the disk cache), by layer."""
+        found = {}
+        for layer, ref in self.edit_states[adapter_name].stats_refs.items():
+            stats = self._stats.get(ref["cache_key"])
+            if stats is None:
+                c0 = load_cached(self._stats_path(ref["cache_key"]), {"corpus_id": ref["corpus_id"]})
+                stats = LayerStatistics(c0, ref["n_tokens"]) if c0 is not None else None
+            if stats is None:
+                raise FileNotFoundError(f"The statistics of layer {layer} of adapter {adapter_name!r} are neither "
+                                        "loaded nor cached on this machine")
+            found[layer] = stats
         return found
 
     @staticmethod
@@ -195,6 +267,7 @@ class EncoreModel(BaseTuner):
         tokenizer=None,
         corpus: Corpus = None,
         progress: bool = True,
+        start_new_memory: bool = False,
         **overrides: Any,
     ) -> EditReport:
         """Write a batch of facts into the adapter's deltas (ALGORITHM.md §2–5) and return a report.
@@ -202,6 +275,8 @@ class EncoreModel(BaseTuner):
         ``requests``: mappings with ``prompt`` (one ``{}`` for the subject), ``subject``, ``target_new``.
         ``overrides``: any :class:`EncoreConfig` setting for this call only (e.g. ``v_num_grad_steps=10``).
         If anything fails, the deltas and the editing state are exactly as before the call.
+        ``start_new_memory``: allow editing an adapter that holds edits but not their editing state (one loaded by
+        plain PEFT, or saved with ``save_editing_state=False``); earlier edits are then protected only by C₀.
         """
         t_start = time.perf_counter()
         adapter = self._edit_target(adapter_name)
@@ -212,6 +287,12 @@ class EncoreModel(BaseTuner):
         modules = self._edited_modules(access, config, adapter)
         prepare_requests(tokenizer, parsed, ["{}"])  # fails on an unlocatable subject before anything changes
         state = self.edit_states[adapter]
+        if state.num_batches == 0 and not start_new_memory and any(
+                bool(m.encore_delta[adapter].any()) for m in modules.values()):
+            raise EditStateMissingError(
+                f"Adapter {adapter!r} holds edits but not their editing state (the memory of earlier edits that "
+                "keeps new edits from overwriting them). Load it with hf_encore.from_pretrained(base, path) to "
+                "continue editing, or pass start_new_memory=True to edit without that memory.")
         saved_state = state.snapshot()
         saved_deltas = {layer: m.encore_delta[adapter].detach().clone() for layer, m in modules.items()}
         try:
@@ -307,6 +388,41 @@ class EncoreModel(BaseTuner):
             "report": {"requests": [vars(r) for r in request_reports], "layers": [vars(x) for x in layer_reports]},
         })
         return report
+
+    # ---- several adapters -------------------------------------------------------------------------------------
+
+    def combine_adapters(self, adapters: Sequence[str], combined_name: str) -> None:
+        """Add ``combined_name`` holding the edits of all ``adapters`` (same layers): deltas and edit memories are
+        summed, ledgers joined, so the combined adapter can be edited further like any other."""
+        if combined_name in self.peft_config:
+            raise ValueError(f"An adapter named {combined_name!r} already exists")
+        if not adapters:
+            raise ValueError("combine_adapters needs at least one adapter")
+        missing = [a for a in adapters if a not in self.peft_config]
+        if missing:
+            raise ValueError(f"No adapter(s) {missing}; have {sorted(self.peft_config)}")
+        configs = [self.peft_config[a] for a in adapters]
+        if any(c.layers != configs[0].layers or c.base_model_fingerprint != configs[0].base_model_fingerprint
+               for c in configs):
+            raise ValueError("Only adapters on the same layers of the same base model can be combined")
+        self.peft_config[combined_name] = dataclasses.replace(configs[0], inference_mode=True)
+        self.inject_adapter(self.model, combined_name)
+        states = [self.edit_states[a] for a in adapters]
+        combined = self.edit_states[combined_name]
+        combined.context_templates = next((s.context_templates for s in states if s.context_templates), None)
+        for state in states:
+            for layer, moment in state.prev_key_moments.items():
+                prev = combined.prev_key_moments.get(layer)
+                combined.prev_key_moments[layer] = moment.clone() if prev is None else prev + moment
+            combined.num_edits += state.num_edits
+            combined.stats_refs.update(state.stats_refs)
+        combined.ledger = [{**entry, "source_adapter": name} for name, state in zip(adapters, states)
+                           for entry in state.ledger]
+        combined.num_batches = len(combined.ledger)
+        with torch.no_grad():
+            for module in self.model.modules():
+                if isinstance(module, Linear) and combined_name in module.encore_delta:
+                    module.encore_delta[combined_name].copy_(sum(module.encore_delta[a] for a in adapters))
 
     @staticmethod
     def _projector(stats: LayerStatistics, threshold: float) -> torch.Tensor:

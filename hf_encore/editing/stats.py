@@ -174,11 +174,11 @@ def save_cached(path: Path, c0: torch.Tensor, metadata: dict[str, str]) -> None:
             os.unlink(tmp)
 
 
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """A hash of every parameter and buffer of the (unedited) model: names, shapes, dtypes and bytes."""
+def tensors_fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """A hash of named tensors: names, shapes, dtypes and bytes (shared storage counted once)."""
     digest = hashlib.blake2b(digest_size=16)
     seen: set[int] = set()
-    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+    for name, tensor in named_tensors:
         if tensor.data_ptr() in seen or tensor.device.type == "meta":
             continue
         seen.add(tensor.data_ptr())
@@ -186,3 +186,8 @@ def model_fingerprint(model: torch.nn.Module) -> str:
         t = tensor.detach().contiguous().cpu()
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A hash of every parameter and buffer of the (unedited) model: C₀ of a layer depends on all layers below."""
+    return tensors_fingerprint(list(model.named_parameters()) + list(model.named_buffers()))

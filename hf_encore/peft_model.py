@@ -1,0 +1,177 @@
+"""EncorePeftModel: a ``PeftModelForCausalLM`` whose save and load carry the editing state, and the loaders.
+
+PEFT's own ``save_pretrained`` / ``from_pretrained`` / ``load_adapter`` write and read only the config and the deltas;
+that is enough to *use* the edits (and plain PEFT, ``AutoPeftModelForCausalLM`` and transformers' ``load_adapter``
+all do), but continuing to edit also needs the previous-edit memory, templates and statistics references
+(``serialization.py``). This subclass adds them, writes atomically, checks every file on load and refuses an
+adapter made for other base weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from peft import PeftModelForCausalLM
+
+from .config import EncoreConfig
+from .serialization import (
+    ADAPTER_WEIGHTS, AdapterFileError, atomic_directory, cast_safetensors, parse_dtype, read_edit_state,
+    verify_adapter_directory, write_edit_state,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_adapter_dir(model_id: str | os.PathLike, *, subfolder: str | None = None, revision: str | None = None,
+                        token: str | None = None, cache_dir: str | None = None) -> Path:
+    """A local directory for ``model_id``: the directory itself, or a Hub snapshot (``HF_HUB_OFFLINE=1`` reads the
+    local Hub cache only)."""
+    path = Path(model_id)
+    if path.is_dir():
+        directory = path
+    elif path.exists() or str(model_id).startswith((".", "/", "~")) or str(model_id).count("/") != 1:
+        raise AdapterFileError(f"{model_id}: no such adapter directory")
+    else:
+        from huggingface_hub import snapshot_download
+
+        patterns = [f"{subfolder}/*"] if subfolder else None
+        directory = Path(snapshot_download(repo_id=str(model_id), revision=revision, token=token,
+                                           cache_dir=cache_dir, allow_patterns=patterns))
+    return directory / subfolder if subfolder else directory
+
+
+class EncorePeftModel(PeftModelForCausalLM):
+    """A causal LM with Encore adapters. ``edit``, ``compute_statistics`` and ``combine_adapters`` reach the tuner
+    (``self.base_model``) through PEFT's attribute forwarding."""
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        selected_adapters: Optional[list[str]] = None,
+        delta_dtype: str | torch.dtype | None = None,
+        save_editing_state: bool = True,
+        save_statistics: bool = False,
+        memory_dtype: str | torch.dtype = "float64",
+        metrics: dict[str, Any] | None = None,
+        is_main_process: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        """Write the adapters to ``save_directory`` atomically (PEFT's layout: ``default`` at the top, others in
+        sub-directories named after them).
+
+        Args:
+            delta_dtype: store the deltas as ``"bfloat16"`` / ``"float16"`` (half the size; a resumed run is then no
+                longer bit-identical). Default: as held, float32.
+            save_editing_state: also write the previous-edit memory, templates and ledger needed to continue editing.
+            save_statistics: embed C₀ of each edited layer, so the adapter can be edited further on a machine
+                without the statistics cache or corpus.
+            memory_dtype: dtype of the stored previous-edit memory; ``"float64"`` keeps resume exact.
+            metrics: figures to show in the model card (e.g. ``{"efficacy": 0.98}``).
+        """
+        if not is_main_process:
+            return
+        from .hub import write_model_card
+
+        delta_dtype = parse_dtype(delta_dtype)
+        memory_dtype = parse_dtype(memory_dtype)
+        adapters = list(selected_adapters or self.peft_config)
+        unknown = [a for a in adapters if a not in self.peft_config]
+        if unknown:
+            raise ValueError(f"No adapter(s) {unknown}; have {sorted(self.peft_config)}")
+        kwargs.setdefault("save_embedding_layers", False)  # else PEFT probes the Hub for the base config
+        tuner = self.base_model
+        with atomic_directory(save_directory) as staging:
+            super().save_pretrained(str(staging), selected_adapters=adapters, **kwargs)
+            for name in adapters:
+                out = staging if name == "default" else staging / name
+                if delta_dtype is not None:
+                    cast_safetensors(out / ADAPTER_WEIGHTS, delta_dtype)
+                if save_editing_state:
+                    stats = tuner.recorded_statistics(name) if save_statistics else None
+                    write_edit_state(tuner.edit_states[name], out, memory_dtype=memory_dtype, statistics=stats)
+                write_model_card(out, self.peft_config[name], tuner.edit_states[name], metrics=metrics,
+                                 delta_dtype=delta_dtype)
+
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike,
+        adapter_name: str,
+        *,
+        ignore_base_mismatch: bool = False,
+        is_trainable: bool = False,
+        **kwargs: Any,
+    ):
+        """PEFT's ``load_adapter``, after checking the files, plus the editing state when the adapter has one."""
+        if is_trainable:
+            raise ValueError("Encore deltas are written in closed form by edit(), not trained; load with "
+                             "is_trainable=False")
+        hub = {k: kwargs.get(k) for k in ("subfolder", "revision", "token", "cache_dir")}
+        directory = resolve_adapter_dir(model_id, **hub)
+        meta = verify_adapter_directory(directory)
+        if adapter_name not in self.peft_config:
+            config = EncoreConfig.from_pretrained(str(directory))
+            config._ignore_base_mismatch = ignore_base_mismatch
+            config.inference_mode = True
+            self.add_adapter(adapter_name, config)
+        kwargs = {k: v for k, v in kwargs.items() if k not in hub}
+        result = super().load_adapter(str(directory), adapter_name, is_trainable=False, **kwargs)
+        if meta is not None:
+            state, statistics = read_edit_state(directory, meta)
+            tuner = self.base_model
+            tuner.edit_states[adapter_name] = state
+            for layer, stats in statistics.items():
+                tuner._stats[state.stats_refs[layer]["cache_key"]] = stats
+        else:
+            logger.warning("%s has no editing state (saved by plain PEFT or with save_editing_state=False): its "
+                           "edits apply, but further edits need start_new_memory=True", directory)
+        return result
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any):  # noqa: D401 - same contract as hf_encore.push_to_hub
+        """Upload the adapter, its editing state, ledger and model card (see :func:`hf_encore.push_to_hub`)."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
+
+def from_pretrained(
+    model: torch.nn.Module | None,
+    model_id: str | os.PathLike,
+    *,
+    adapter_name: str = "default",
+    ignore_base_mismatch: bool = False,
+    tokenizer=None,
+    corpus=None,
+    **kwargs: Any,
+) -> EncorePeftModel:
+    """Attach a saved Encore adapter (a directory or a Hub id) to ``model``, ready to use and to edit further.
+
+    ``model=None`` loads the base named in the adapter config (with its GGUF file, if it was loaded from one).
+    Raises :class:`~hf_encore.model.BaseModelMismatchError` if the adapter was made for other base weights, unless
+    ``ignore_base_mismatch=True``; :class:`~hf_encore.serialization.AdapterFileError` for a damaged file.
+    """
+    hub = {k: kwargs.get(k) for k in ("subfolder", "revision", "token", "cache_dir")}
+    directory = resolve_adapter_dir(model_id, **hub)
+    verify_adapter_directory(directory)
+    config = EncoreConfig.from_pretrained(str(directory))
+    if model is None:
+        from .models import load_model
+
+        if not config.base_model_name_or_path:
+            raise ValueError(f"{directory} does not name its base model: pass the model")
+        model, loaded_tokenizer = load_model(config.base_model_name_or_path, gguf_file=config.gguf_file)
+        tokenizer = tokenizer or loaded_tokenizer
+    config._ignore_base_mismatch = ignore_base_mismatch
+    kwargs = {k: v for k, v in kwargs.items() if k not in hub}
+    peft_model = EncorePeftModel.from_pretrained(model, str(directory), adapter_name=adapter_name, config=config,
+                                                 **kwargs)
+    tuner = peft_model.base_model
+    if tokenizer is not None:
+        tuner.__dict__["tokenizer"] = tokenizer
+    if corpus is not None:
+        tuner.__dict__["stats_corpus"] = corpus
+    return peft_model
