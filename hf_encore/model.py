@@ -78,7 +78,13 @@ class EncoreModel(BaseTuner):
 
     # ---- PEFT hooks -------------------------------------------------------------------------------------------
 
-    def _pre_injection_hook(self, model, config: EncoreConfig, adapter_name: str) -> None:
+    def inject_adapter(self, model, adapter_name: str, **kwargs) -> None:
+        # PEFT calls _pre_injection_hook only for the first adapter; added and loaded ones come through here.
+        self._prepare_adapter(model, self.peft_config[adapter_name], adapter_name)
+        super().inject_adapter(model, adapter_name, **kwargs)
+
+    def _prepare_adapter(self, model, config: EncoreConfig, adapter_name: str) -> None:
+        """Resolve the layers and target modules, record and check the base fingerprint, start the edit state."""
         self.__dict__.setdefault("edit_states", {})
         self.__dict__.setdefault("_stats", {})
         self.__dict__.setdefault("tokenizer", None)

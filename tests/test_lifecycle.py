@@ -234,3 +234,31 @@ def test_bf16_deltas_halve_the_file_and_load(edited, smollm2_dir, tokenizer, tmp
     loaded = hf_encore.from_pretrained(load_model(str(smollm2_dir))[0], tmp_path / "bf16", tokenizer=tokenizer)
     for name, value in deltas(edited).items():
         torch.testing.assert_close(dict(loaded.named_parameters())[name].data, value, rtol=1e-2, atol=1e-4)
+
+
+def test_push_to_a_fake_hub_and_load_back_offline(edited, smollm2_dir, tokenizer, tmp_path, monkeypatch):
+    import huggingface_hub.constants as hub_constants
+
+    from fake_hub import FakeHub
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_DISABLE_XET", True)
+    with FakeHub() as hub:
+        info = hf_encore.push_to_hub(edited, "team/sports-edits", endpoint=hub.endpoint, token="hf_dummy",
+                                     private=True, metrics={"efficacy": 1.0})
+        assert not hub.unknown, hub.unknown
+    files = hub.repos["team/sports-edits"]
+    assert hub.private["team/sports-edits"] and info.oid == hub.commits["team/sports-edits"]
+    assert set(files) == {"README.md", "adapter_config.json", "adapter_model.safetensors", "encore_ledger.jsonl",
+                          "encore_state.json", "encore_state.safetensors"}
+    card = files["README.md"].decode()
+    assert card.startswith("---\nlibrary_name: peft\n") and "- knowledge-editing" in card
+    assert "| efficacy | 1.000 |" in card and "| football |" in card and "1 facts written" in card
+
+    # The download side: a Hub cache as a download leaves it, read with the Hub offline.
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    hub.seed_cache("team/sports-edits", tmp_path / "hub-cache")
+    loaded = hf_encore.from_pretrained(load_model(str(smollm2_dir))[0], "team/sports-edits", tokenizer=tokenizer,
+                                       cache_dir=str(tmp_path / "hub-cache"))
+    torch.testing.assert_close(logits(loaded, tokenizer), logits(edited, tokenizer), rtol=0, atol=0)
+    assert loaded.base_model.edit_states["default"].num_edits == 1
