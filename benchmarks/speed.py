@@ -1,0 +1,196 @@
+"""Side-by-side speed benchmark: the optimised editing path against the straightforward reference path
+(``reference_path.py``) on the same requests, ENCORE against MEMIT and AlphaEdit, statistics throughput, and the
+z-optimisation's share of this machine's measured matmul peak. Prints figures and writes JSON.
+
+    python benchmarks/speed.py --model smollm2-135m --edits 100 --out docs/results/speed-smollm2-135m.json
+    python benchmarks/speed.py --model gemma-3-270m --edits 100 --out docs/results/speed-gemma-3-270m.json
+
+``--reference-edits K`` runs the reference path on the first K requests only (it handles one request at a time, so
+its time per edit does not depend on the batch; the optimised path is then also run on those K for the agreement
+check). Statistics are compared on ``--stats-tokens`` tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from reference_path import reference_second_moments, use_reference_path  # noqa: E402
+
+from hf_encore import EncoreConfig, get_encore_model, load_model  # noqa: E402
+from hf_encore.data import data_dir, load_counterfact  # noqa: E402
+from hf_encore.editing.requests import parse_requests, prepare_requests  # noqa: E402
+from hf_encore.editing.stats import packed_chunks, read_corpus, second_moments  # noqa: E402
+from hf_encore.editing.tracing import ModelAccess  # noqa: E402
+from hf_encore.evaluation import counterfact_scores  # noqa: E402
+from hf_encore.layer import Linear  # noqa: E402
+from hf_encore.models import ensure_builtin  # noqa: E402
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def deltas(model) -> dict[str, torch.Tensor]:
+    return {n: m.encore_delta["default"].detach().clone() for n, m in model.named_modules() if isinstance(m, Linear)}
+
+
+def relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-30)) for k in a)
+
+
+def z_flops(model, report, config, requests, tokenizer) -> float:
+    """FLOPs the z-optimisation must do: per request and evaluated step, a forward pass of its P+1 sequences through
+    the blocks above L plus logits at its target and KL positions; per optimiser step, the same again backwards
+    (gradients for the inputs only: the weights are frozen). Plus one forward below L to cache block L's output.
+    Attention-score FLOPs (∝ T², T ≈ 20) are left out."""
+    state = model.base_model.edit_states["default"]
+    prepared = prepare_requests(tokenizer, parse_requests(requests), state.context_templates)
+    blocks = ModelAccess(model.base_model.model, model.base_model._layout(config)).blocks
+    critical = config.layers[-1]
+    params_above = sum(p.numel() for b in blocks[critical + 1:] for p in b.parameters())
+    params_below = sum(p.numel() for b in blocks[: critical + 1] for p in b.parameters())
+    vocab, width = model.base_model.model.get_output_embeddings().weight.shape
+    total = 0.0
+    for req, rep in zip(prepared, report.requests):
+        tokens = sum(len(p.ids) + len(req.target_ids) - 1 for p in req.prompts) + len(req.kl_prompt.ids)
+        positions = len(req.prompts) * len(req.target_ids) + 1
+        per_pass = 2 * tokens * params_above + 2 * positions * width * vocab
+        total += 2 * tokens * params_below + (rep.steps + 1) * per_pass + rep.steps * per_pass
+    return total
+
+
+def timed_edit(model_dir, method, corpus, requests, reference=False):
+    base, tok = load_model(str(model_dir))
+    model = get_encore_model(base, EncoreConfig(method=method), tokenizer=tok, corpus=corpus)
+    model.base_model.compute_statistics(progress=False)  # cached before timing: statistics are measured apart
+    if reference:
+        with use_reference_path():
+            report = model.edit(requests, progress=False)
+    else:
+        report = model.edit(requests, progress=False)
+    return model, tok, report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--edits", type=int, default=100)
+    parser.add_argument("--reference-edits", type=int, default=None)
+    parser.add_argument("--methods", nargs="+", default=["encore", "memit", "alphaedit"])
+    parser.add_argument("--stats-tokens", type=int, default=4096)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    out = Path(args.out or f"docs/results/speed-{args.model}.json")
+    torch.manual_seed(0)
+
+    model_dir = ensure_builtin(args.model)
+    corpus = data_dir() / "corpus" / "wikitext-2-valid.txt"
+    cases = load_counterfact(data_dir() / "counterfact" / "counterfact-train.json")[: args.edits]
+    requests = [{k: c[k] for k in ("prompt", "subject", "target_new")} for c in cases]
+    n_ref = args.reference_edits or args.edits
+    results = {"model": args.model, "edits": args.edits, "reference_edits": n_ref,
+               "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+                          f"{torch.get_num_threads()} threads", "command": " ".join(sys.argv)}
+    results["matmul_peak_gflops"] = peak = matmul_peak_gflops()
+    print(f"machine: {results['machine']}; fp32 matmul peak {peak:.1f} GFLOP/s", flush=True)
+
+    # ---- statistics: one early-stopping pass for all layers vs one full pass per layer -------------------------
+    base, tok = load_model(str(model_dir))
+    config = EncoreConfig()
+    model = get_encore_model(base, config, tokenizer=tok)
+    access = ModelAccess(model.base_model.model, model.base_model._layout(config))
+    chunks = packed_chunks(tok, read_corpus(corpus).texts, args.stats_tokens, config.stats_seq_len)
+    stats = {}
+    for name, function in (("optimised", second_moments), ("reference", reference_second_moments)):
+        start = time.perf_counter()
+        moments, count = function(access, chunks, config.layers, tok.pad_token_id, config.max_tokens_per_forward,
+                                  False)
+        seconds = time.perf_counter() - start
+        stats[name] = {"seconds": seconds, "tokens": count, "layers": len(config.layers),
+                       "tokens_per_second": count / seconds, "moments": moments}
+        print(f"statistics {name}: {count} tokens x {len(config.layers)} layers in {seconds:.1f} s "
+              f"({count / seconds:.0f} tok/s)", flush=True)
+    agreement = max(float((stats["optimised"]["moments"][l] - stats["reference"]["moments"][l]).abs().max()
+                          / stats["reference"]["moments"][l].abs().max()) for l in config.layers)
+    results["statistics"] = {name: {k: v for k, v in s.items() if k != "moments"} for name, s in stats.items()}
+    results["statistics"]["speedup"] = stats["reference"]["seconds"] / stats["optimised"]["seconds"]
+    results["statistics"]["max_relative_difference"] = agreement
+    print(f"statistics speed-up {results['statistics']['speedup']:.1f}x (max rel. difference {agreement:.1e})")
+    del model, base
+
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["HF_ENCORE_CACHE"] = cache  # C₀ computed once here, then shared by every run below
+
+        # ---- optimised vs reference on the same requests -------------------------------------------------------
+        runs = {}
+        for path in ("optimised", "reference"):
+            model, tok, report = timed_edit(model_dir, "encore", corpus, requests[:n_ref], reference=path == "reference")
+            scores = counterfact_scores(model, tok, cases[:n_ref])
+            runs[path] = {"report": report, "deltas": deltas(model), "scores": scores, "model": model, "tok": tok}
+            if path == "reference":
+                del runs[path]["model"]
+            print(f"encore {path:>9}: {report.seconds['total'] / n_ref:.2f} s/edit over {n_ref} edits "
+                  f"(ES {scores['ES']:.2f}, PS {scores['PS']:.2f}, NS {scores['NS']:.2f}; "
+                  f"profile {', '.join(f'{k} {v:.1f}' for k, v in report.seconds.items())})", flush=True)
+        results["reference_comparison"] = {
+            path: {"seconds_per_edit": r["report"].seconds["total"] / n_ref, "profile_seconds": r["report"].seconds,
+                   "z_steps": sum(q.steps for q in r["report"].requests),
+                   "scores": {k: v for k, v in r["scores"].items() if k != "per_case"}}
+            for path, r in runs.items()}
+        comparison = results["reference_comparison"]
+        comparison["speedup"] = comparison["reference"]["seconds_per_edit"] / comparison["optimised"]["seconds_per_edit"]
+        comparison["delta_relative_difference"] = relative_difference(runs["reference"]["deltas"],
+                                                                      runs["optimised"]["deltas"])
+        print(f"optimised vs reference: {comparison['speedup']:.2f}x faster; deltas differ by "
+              f"{comparison['delta_relative_difference']:.1e} (relative)", flush=True)
+
+        # ---- methods at the full batch --------------------------------------------------------------------------
+        results["methods"] = {}
+        for method in args.methods:
+            if method == "encore" and n_ref == args.edits:
+                model, tok, report = runs["optimised"]["model"], runs["optimised"]["tok"], runs["optimised"]["report"]
+            else:
+                model, tok, report = timed_edit(model_dir, method, corpus, requests)
+            entry = {"seconds_per_edit": report.seconds["total"] / args.edits, "profile_seconds": report.seconds,
+                     "z_steps": sum(q.steps for q in report.requests),
+                     "mpes_stopped": sum(q.mpes_stopped for q in report.requests)}
+            if method == "encore":
+                flops = z_flops(model, report, model.peft_config["default"], requests, tok)
+                entry["z_gflops"] = flops / 1e9
+                entry["z_gflops_per_second"] = flops / 1e9 / report.seconds["targets"]
+                entry["z_utilisation_of_matmul_peak"] = entry["z_gflops_per_second"] / peak
+            results["methods"][method] = entry
+            print(f"{method:>10}: {entry['seconds_per_edit']:.2f} s/edit at batch {args.edits}, "
+                  f"{entry['z_steps']} z-steps", flush=True)
+        if "encore" in results["methods"] and "memit" in results["methods"]:
+            results["encore_over_memit"] = (results["methods"]["encore"]["seconds_per_edit"]
+                                            / results["methods"]["memit"]["seconds_per_edit"])
+            print(f"ENCORE / MEMIT time per edit: {results['encore_over_memit']:.2f}")
+        if "z_utilisation_of_matmul_peak" in results["methods"].get("encore", {}):
+            e = results["methods"]["encore"]
+            print(f"z-optimisation: {e['z_gflops']:.0f} GFLOP at {e['z_gflops_per_second']:.1f} GFLOP/s = "
+                  f"{100 * e['z_utilisation_of_matmul_peak']:.0f} % of the matmul peak")
+        del os.environ["HF_ENCORE_CACHE"]
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=float))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
