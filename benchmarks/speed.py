@@ -54,23 +54,27 @@ def relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 
 
 def z_flops(model, report, config, requests, tokenizer) -> float:
-    """FLOPs the z-optimisation must do: per request and evaluated step, a forward pass of its P+1 sequences through
-    the blocks above L plus logits at its target and KL positions; per optimiser step, the same again backwards
-    (gradients for the inputs only: the weights are frozen). Plus one forward below L to cache block L's output.
+    """FLOPs the z-optimisation must do. Once: a forward pass of every sequence through all blocks (block L's
+    outputs, and the keys/values before the subject's last token). Per request and evaluated step: a forward pass
+    of its sequences from the subject's last token on through the blocks above L, plus logits at its target and KL
+    positions; per optimiser step, the same again backwards (input gradients only: the weights are frozen).
     Attention-score FLOPs (∝ T², T ≈ 20) are left out."""
     state = model.base_model.edit_states["default"]
     prepared = prepare_requests(tokenizer, parse_requests(requests), state.context_templates)
     blocks = ModelAccess(model.base_model.model, model.base_model._layout(config)).blocks
     critical = config.layers[-1]
     params_above = sum(p.numel() for b in blocks[critical + 1:] for p in b.parameters())
-    params_below = sum(p.numel() for b in blocks[: critical + 1] for p in b.parameters())
+    params_all = sum(p.numel() for b in blocks for p in b.parameters())
     vocab, width = model.base_model.model.get_output_embeddings().weight.shape
     total = 0.0
     for req, rep in zip(prepared, report.requests):
-        tokens = sum(len(p.ids) + len(req.target_ids) - 1 for p in req.prompts) + len(req.kl_prompt.ids)
+        lengths = [(len(p.ids) + len(req.target_ids) - 1, p.subject_last) for p in req.prompts]
+        lengths.append((len(req.kl_prompt.ids), req.kl_prompt.subject_last))
+        all_tokens = sum(n for n, _ in lengths)
+        suffix_tokens = sum(n - split for n, split in lengths)
         positions = len(req.prompts) * len(req.target_ids) + 1
-        per_pass = 2 * tokens * params_above + 2 * positions * width * vocab
-        total += 2 * tokens * params_below + (rep.steps + 1) * per_pass + rep.steps * per_pass
+        per_pass = 2 * suffix_tokens * params_above + 2 * positions * width * vocab
+        total += 2 * all_tokens * params_all + (rep.steps + 1) * per_pass + rep.steps * per_pass
     return total
 
 

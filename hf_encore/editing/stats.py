@@ -183,7 +183,7 @@ def tensors_fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> st
             continue
         seen.add(tensor.data_ptr())
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        t = tensor.detach().contiguous().cpu()
+        t = tensor.detach().contiguous().cpu().reshape(-1)  # 0-dim buffers (Gemma's embedding scale) too
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 

@@ -1,8 +1,11 @@
 """Step 1: the target hidden state z of every request at the critical layer L, optimised as one batch with MPES.
 
 Each request r has its own δ_r ∈ R^{d_v}, its own Adam state and its own stopping decision; requests that stop
-leave the batch. Block L's outputs on every prompt are computed once and replayed; each step runs only the blocks
-above L and computes logits only at the target and KL positions (ALGORITHM.md §2–3).
+leave the batch. δ_r is added at the subject's last token, so nothing below block L and nothing before that token
+can change: block L's outputs and the attention keys/values of the earlier positions are computed once
+(``ModelAccess.prefix_states``), and each step runs only the blocks above L, only on the positions from the subject's
+last token on (about a quarter of the tokens, since the context templates come first), and computes logits only at
+the target and KL positions (ALGORITHM.md §2–3).
 
 Sequence layout: request r owns sequences ``r·(P+1) … r·(P+1)+P``: its P rewriting prompts (one per context
 template, the raw ``"{}"`` first), then its KL prompt.
@@ -16,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .requests import PreparedRequest
-from .tracing import ModelAccess, chunk_by_tokens, pad_right
+from .tracing import ModelAccess, PrefixStates, chunk_by_tokens, pad_right
 
 LOSS_THRESHOLD = 5e-2
 
@@ -108,24 +111,12 @@ def build_layout(prepared: list[PreparedRequest], check_raw_prompt: bool) -> _La
                    torch.tensor(tok_checked), as_long([len(r.target_ids) for r in prepared]), n_prompts + 1)
 
 
-@torch.no_grad()
-def cache_block_outputs(access: ModelAccess, ids: list[list[int]], layer: int, pad_id: int,
-                        max_tokens: int) -> list[torch.Tensor]:
-    """Block ``layer``'s output for every sequence: a list of [len_s, d_v] tensors."""
-    outputs: list[torch.Tensor] = [None] * len(ids)  # type: ignore[list-item]
-    for chunk in chunk_by_tokens([len(s) for s in ids], max_tokens):
-        batch_ids, mask = pad_right([ids[i] for i in chunk], pad_id)
-        hidden = access.trace(batch_ids, mask, block_outputs=[layer])[("block", layer)]
-        for row, i in enumerate(chunk):
-            outputs[i] = hidden[row, : len(ids[i])].detach().float().cpu()
-    return outputs
-
-
-def _pad_hidden(cached: list[torch.Tensor], seqs: list[int]) -> torch.Tensor:
-    length = max(cached[s].shape[0] for s in seqs)
-    out = torch.zeros(len(seqs), length, cached[seqs[0]].shape[1])
-    for row, s in enumerate(seqs):
-        out[row, : cached[s].shape[0]] = cached[s]
+def _pad_suffixes(prefix: PrefixStates, seqs: list[int]) -> torch.Tensor:
+    """Block L's output from each sequence's split position on, right-padded: [B, T, d]."""
+    pieces = [prefix.block_output[s][int(prefix.split[s]):] for s in seqs]
+    out = torch.zeros(len(seqs), max(p.shape[0] for p in pieces), pieces[0].shape[1])
+    for row, piece in enumerate(pieces):
+        out[row, : piece.shape[0]] = piece
     return out
 
 
@@ -141,9 +132,11 @@ def optimise_targets(
     n = len(prepared)
     lay = build_layout(prepared, settings.mpes_check_raw_prompt)
     per = lay.per_request
-    cached = cache_block_outputs(access, lay.ids, layer, pad_id, settings.max_tokens_per_forward)
-    d = cached[0].shape[1]
-    h_init = torch.stack([cached[s][lay.lookup[s]] for s in lay.raw_seq.tolist()])  # [n, d]
+    prefix = access.prefix_states(lay.ids, lay.lookup.tolist(), layer, pad_id, settings.max_tokens_per_forward)
+    suffix_ids = [seq[int(prefix.split[s]):] for s, seq in enumerate(lay.ids)]
+    tok_suffix_pos = lay.tok_pos - prefix.split[lay.tok_seq]  # [M] target positions within the suffixes
+    d = prefix.block_output[0].shape[1]
+    h_init = torch.stack([prefix.block_output[s][lay.lookup[s]] for s in lay.raw_seq.tolist()])  # [n, d]
     h_norm = h_init.norm(dim=1)  # [n]
     delta = torch.zeros(n, d, requires_grad=True)
     adam = RowAdam(n, d, settings.lr)
@@ -154,7 +147,7 @@ def optimise_targets(
     p_before = [0.0] * n
     final_loss = [float("nan")] * n
     active = list(range(n))
-    request_tokens = [sum(len(lay.ids[r * per + j]) for j in range(per)) for r in range(n)]
+    request_tokens = [sum(len(suffix_ids[r * per + j]) for j in range(per)) for r in range(n)]
     device = access.device
 
     bar = tqdm(total=settings.num_steps, desc="z-optimisation", disable=not progress, leave=False)
@@ -168,18 +161,18 @@ def optimise_targets(
             seqs = [r * per + j for r in reqs for j in range(per)]
             row_of_seq = torch.full((len(lay.ids),), -1, dtype=torch.long)
             row_of_seq[seqs] = torch.arange(len(seqs))
-            batch_ids, mask = pad_right([lay.ids[s] for s in seqs], pad_id)
+            batch_ids, mask = pad_right([suffix_ids[s] for s in seqs], pad_id)
             local_req = torch.arange(len(reqs)).repeat_interleave(per)  # [rows]
             reqs_t = torch.tensor(reqs)
-            # δ_r is added at the subject's last token of every prompt of request r.
-            hidden = _pad_hidden(cached, seqs).index_put(
-                (torch.arange(len(seqs)), lay.lookup[seqs]), delta[reqs_t[local_req]], accumulate=True)
-            with access.replay_from(layer, hidden.to(device)):
-                final = access.final_hidden(batch_ids, mask)  # [rows, T, d]
+            # δ_r is added at the subject's last token of every prompt of request r: the first suffix position.
+            hidden = _pad_suffixes(prefix, seqs).index_put(
+                (torch.arange(len(seqs)), torch.zeros(len(seqs), dtype=torch.long)), delta[reqs_t[local_req]],
+                accumulate=True)
+            final = access.replay_suffix(layer, prefix, seqs, hidden, batch_ids, mask)  # [rows, T, d]
 
             tok = (row_of_seq[lay.tok_seq] >= 0).nonzero().squeeze(1)
             tok_rows = row_of_seq[lay.tok_seq[tok]]
-            logits = access.logits(final[tok_rows.to(device), lay.tok_pos[tok].to(device)]).cpu()  # [m, V]
+            logits = access.logits(final[tok_rows.to(device), tok_suffix_pos[tok].to(device)]).cpu()  # [m, V]
             log_probs = logits.log_softmax(-1)
             labels = lay.tok_label[tok]
             tok_logp = log_probs.gather(1, labels.unsqueeze(1)).squeeze(1)  # [m]
@@ -191,8 +184,7 @@ def optimise_targets(
             all_ok = torch.ones(len(reqs)).scatter_reduce(0, tok_req, argmax_ok.float(), "amin").bool()
 
             kl_rows = row_of_seq[lay.kl_seq[reqs_t]]
-            kl_logq = access.logits(final[kl_rows.to(device), lay.lookup[lay.kl_seq[reqs_t]].to(device)]
-                                    ).cpu().log_softmax(-1)  # [r, V]
+            kl_logq = access.logits(final[kl_rows.to(device), 0]).cpu().log_softmax(-1)  # [r, V]: at the lookup
             if it == 0:
                 raw_tok = lay.tok_seq[tok] == lay.raw_seq[reqs_t[tok_req]]
                 raw_logp = torch.zeros(len(reqs)).index_add(0, tok_req[raw_tok], tok_logp[raw_tok].detach())

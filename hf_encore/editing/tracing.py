@@ -8,6 +8,7 @@ generic entry points (``base_model``, ``get_output_embeddings``), so one code pa
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
@@ -49,6 +50,22 @@ def chunk_by_tokens(lengths: Sequence[int], budget: int) -> list[list[int]]:
     if current:
         chunks.append(current)
     return chunks
+
+
+@dataclass
+class PrefixStates:
+    """What a δ added at position ``split_s`` of sequence s cannot change, computed once: block L's output at every
+    position, and the keys/values of every block above L at the positions before ``split_s``.
+
+    Attention keys/values are stored right-aligned in a block of ``width`` positions, so a batch of any sequences
+    is one gather per layer, left-padded as attention with a cache expects.
+    """
+
+    block_output: list[torch.Tensor]  # per sequence [len_s, d]
+    split: torch.Tensor  # [S] number of positions before the one that δ changes
+    keys: dict[int, torch.Tensor]  # per layer above L: [S, kv_heads, width, head_dim]
+    values: dict[int, torch.Tensor]
+    width: int
 
 
 class ModelAccess:
@@ -133,6 +150,83 @@ class ModelAccess:
         finally:
             for block in patched:
                 block.__dict__.pop("forward", None)
+
+    @torch.no_grad()
+    def prefix_states(self, ids: Sequence[Sequence[int]], split: Sequence[int], layer: int, pad_id: int,
+                      max_tokens: int) -> PrefixStates:
+        """Run every sequence once (all blocks, no logits) and keep what replaying it from block ``layer`` with a
+        change at position ``split[s]`` needs. Keys/values before position t depend on tokens before t only, so the
+        full-sequence run gives the prefix's keys/values exactly."""
+        from transformers import DynamicCache
+
+        split_t = torch.tensor(list(split), dtype=torch.long)
+        if (split_t < 0).any() or any(sp >= len(s) for sp, s in zip(split, ids)):
+            raise ValueError("every split must fall inside its sequence")
+        window = getattr(self.lm.config.get_text_config(decoder=True), "sliding_window", None)
+        longest = max(len(s) for s in ids)
+        if window and longest >= window:
+            raise ValueError(f"an editing prompt of {longest} tokens exceeds the model's sliding window ({window})")
+        width = int(split_t.max())
+        upper = range(layer + 1, len(self.blocks))
+        block_output: list[torch.Tensor] = [None] * len(ids)  # type: ignore[list-item]
+        keys: dict[int, torch.Tensor] = {}
+        values: dict[int, torch.Tensor] = {}
+        captured = {}
+        handle = self.blocks[layer].register_forward_hook(lambda m, a, out: captured.__setitem__("h", _first(out)))
+        try:
+            for chunk in chunk_by_tokens([len(s) for s in ids], max_tokens):
+                batch_ids, mask = pad_right([ids[i] for i in chunk], pad_id)
+                cache = DynamicCache(config=self.lm.config)
+                self.decoder(input_ids=batch_ids.to(self.device), attention_mask=mask.to(self.device),
+                             past_key_values=cache, use_cache=True)
+                for row, i in enumerate(chunk):
+                    block_output[i] = captured["h"][row, : len(ids[i])].float().cpu()
+                for l in upper:
+                    k, v = cache.layers[l].keys, cache.layers[l].values  # [B, kv_heads, T, head_dim]
+                    if l not in keys:
+                        shape = (len(ids), k.shape[1], width, k.shape[3])
+                        keys[l] = torch.zeros(shape, dtype=k.dtype, device=k.device)
+                        values[l] = torch.zeros(shape, dtype=v.dtype, device=v.device)
+                    for row, i in enumerate(chunk):
+                        n = int(split_t[i])
+                        if n:
+                            keys[l][i, :, width - n:] = k[row, :, :n]
+                            values[l][i, :, width - n:] = v[row, :, :n]
+        finally:
+            handle.remove()
+        return PrefixStates(block_output, split_t, keys, values, width)
+
+    def replay_suffix(self, layer: int, prefix: PrefixStates, seqs: Sequence[int], hidden: torch.Tensor,
+                      suffix_ids: torch.Tensor, suffix_mask: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [B, T, d] of positions ``split[s]…`` of sequences ``seqs``, given block ``layer``'s
+        output there (``hidden`` [B, T, d], right-padded): only the blocks above ``layer`` run, only on these
+        positions, attending to the stored keys/values of the positions before."""
+        from transformers import DynamicCache
+
+        seqs_t = torch.as_tensor(list(seqs), dtype=torch.long)
+        before = prefix.split[seqs_t]  # [B]
+        width = int(before.max())
+        rows, length = suffix_ids.shape
+        data = []
+        for l in range(len(self.blocks)):
+            if l in prefix.keys:
+                index = seqs_t.to(prefix.keys[l].device)
+                data.append((prefix.keys[l][index, :, prefix.width - width:],
+                             prefix.values[l][index, :, prefix.width - width:]))
+            else:
+                # Blocks up to ``layer`` are skipped; the cache only has to report the right length for the mask.
+                stub = torch.zeros(rows, 1, width, 1, device=self.device)
+                data.append((stub, stub))
+        cache = DynamicCache(ddp_cache_data=data, config=self.lm.config)
+        columns = torch.arange(width)
+        prefix_mask = (columns.unsqueeze(0) >= (width - before).unsqueeze(1)).long()  # real tokens right-aligned
+        mask = torch.cat([prefix_mask, suffix_mask.long()], dim=1)
+        position_ids = before.unsqueeze(1) + torch.arange(length).unsqueeze(0)
+        with self.replay_from(layer, hidden.to(self.device)):
+            out = self.decoder(input_ids=suffix_ids.to(self.device), attention_mask=mask.to(self.device),
+                               position_ids=position_ids.to(self.device), past_key_values=cache, use_cache=True,
+                               cache_position=torch.arange(width, width + length, device=self.device))
+        return out.last_hidden_state
 
     def final_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Final hidden states [B, T, d] (after the final norm)."""
