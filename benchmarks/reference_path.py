@@ -69,7 +69,7 @@ def reference_optimise_targets(access: ModelAccess, prepared, layer: int, settin
                     checked = t > 0 or settings.mpes_check_raw_prompt or n_prompts == 1
                     ok = ok and (not checked or bool((lp.argmax(-1) == target).all()))
                     if it == 0 and t == 0:
-                        p_before.append(float(lp.gather(1, target.unsqueeze(1)).sum().exp()))
+                        p_before.append(float(lp.detach().gather(1, target.unsqueeze(1)).sum().exp()))
                 nll = nll / n_prompts
                 kl_logq = log_probs[-1, lookup[-1]]
                 if log_p0 is None:

@@ -8,6 +8,7 @@ generic entry points (``base_model``, ``get_output_embeddings``), so one code pa
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -78,6 +79,9 @@ class ModelAccess:
         self.decoder = lm.base_model
         self.unembedding = lm.get_output_embeddings()
         self.softcap = getattr(lm.config, "final_logit_softcapping", None)
+        # transformers 5 renames ``past_key_values`` to ``cache`` (the old name goes in 5.40).
+        self.cache_kwarg = "cache" if "cache" in inspect.signature(self.decoder.forward).parameters \
+            else "past_key_values"
 
     @property
     def device(self) -> torch.device:
@@ -178,7 +182,7 @@ class ModelAccess:
                 batch_ids, mask = pad_right([ids[i] for i in chunk], pad_id)
                 cache = DynamicCache(config=self.lm.config)
                 self.decoder(input_ids=batch_ids.to(self.device), attention_mask=mask.to(self.device),
-                             past_key_values=cache, use_cache=True)
+                             use_cache=True, **{self.cache_kwarg: cache})
                 for row, i in enumerate(chunk):
                     block_output[i] = captured["h"][row, : len(ids[i])].float().cpu()
                 for l in upper:
@@ -224,8 +228,9 @@ class ModelAccess:
         position_ids = before.unsqueeze(1) + torch.arange(length).unsqueeze(0)
         with self.replay_from(layer, hidden.to(self.device)):
             out = self.decoder(input_ids=suffix_ids.to(self.device), attention_mask=mask.to(self.device),
-                               position_ids=position_ids.to(self.device), past_key_values=cache, use_cache=True,
-                               cache_position=torch.arange(width, width + length, device=self.device))
+                               position_ids=position_ids.to(self.device), use_cache=True,
+                               cache_position=torch.arange(width, width + length, device=self.device),
+                               **{self.cache_kwarg: cache})
         return out.last_hidden_state
 
     def final_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
