@@ -1,54 +1,84 @@
-"""CounterFact metrics (ALGORITHM.md §7): efficacy, generalisation, specificity by mean per-token NLL."""
+"""CounterFact metrics (ALGORITHM.md §7): efficacy, generalisation, specificity, their harmonic mean, the
+probability-difference magnitudes, and fluency (n-gram entropy of generated text)."""
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from typing import Any, Sequence
 
 import torch
 
-from ..editing.requests import target_token_ids
-from ..editing.tracing import chunk_by_tokens, pad_right
+from .scoring import continuation_nll, pad_token_id
 
 
-@torch.no_grad()
-def continuation_nll(model, tokenizer, prompts: Sequence[str], continuations: Sequence[str],
-                     max_tokens: int = 4096) -> torch.Tensor:
-    """Mean per-token NLL of each continuation after its prompt, teacher-forced. → [n]."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    seqs, starts, targets = [], [], []
-    for prompt, cont in zip(prompts, continuations):
-        p_ids = list(tokenizer(prompt)["input_ids"])
-        t_ids = target_token_ids(tokenizer, cont)
-        seqs.append(p_ids + t_ids[:-1])
-        starts.append(len(p_ids) - 1)
-        targets.append(t_ids)
-    out = torch.empty(len(seqs))
-    device = next(model.parameters()).device
-    for chunk in chunk_by_tokens([len(s) for s in seqs], max_tokens):
-        ids, mask = pad_right([seqs[i] for i in chunk], pad)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        for row, i in enumerate(chunk):
-            t = torch.tensor(targets[i], device=device)
-            logp = logits[row, starts[i]: starts[i] + len(t)].log_softmax(-1)
-            out[i] = -logp.gather(1, t.unsqueeze(1)).mean().cpu()
-    return out
+def harmonic_mean(values: Sequence[float]) -> float:
+    return 0.0 if min(values) <= 0 else len(values) / sum(1 / v for v in values)
 
 
-def counterfact_scores(model, tokenizer, cases: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """ES, PS, NS (fractions) and their harmonic mean S over ``cases`` (records from ``load_counterfact``)."""
-    def better(prompts, first, second):
-        a = continuation_nll(model, tokenizer, prompts, first)
-        b = continuation_nll(model, tokenizer, prompts, second)
-        return (a < b).float()
+def counterfact_scores(model, tokenizer, cases: Sequence[dict[str, Any]], *, fluency: bool = False,
+                       fluency_tokens: int = 100, max_tokens: int = 4096) -> dict[str, Any]:
+    """ES, PS, NS (fractions), S (their harmonic mean), the magnitudes EM, PM, NM (mean probability differences:
+    p(new) − p(true) on rewrite and paraphrase prompts, p(true) − p(new) on neighbourhood prompts, with p the
+    per-token geometric mean), and optionally fluency GE over ``cases`` (records from ``load_counterfact``)."""
+    def probabilities(prompts, continuations):
+        return (-continuation_nll(model, tokenizer, prompts, continuations, max_tokens)).exp()
 
     new = [c["target_new"] for c in cases]
     true = [c["target_true"] for c in cases]
-    es = better([c["prompt"].replace("{}", c["subject"]) for c in cases], new, true)
-    ps = better([c["rephrase_prompt"] for c in cases], new, true)
-    loc = [c["locality_ground_truth"] or c["target_true"] for c in cases]
-    ns = better([c["locality_prompt"] for c in cases], loc, new)
-    means = {"ES": float(es.mean()), "PS": float(ps.mean()), "NS": float(ns.mean())}
-    vals = list(means.values())
-    means["S"] = 0.0 if min(vals) == 0 else len(vals) / sum(1 / v for v in vals)
-    means["per_case"] = {"ES": es.tolist(), "PS": ps.tolist(), "NS": ns.tolist()}
-    return means
+    groups = {
+        "ES": ([c["prompt"].replace("{}", c["subject"]) for c in cases], new, true),
+        "PS": ([c["rephrase_prompt"] for c in cases], new, true),
+        "NS": ([c["locality_prompt"] for c in cases], [c["locality_ground_truth"] or c["target_true"] for c in cases],
+               new),
+    }
+    results: dict[str, Any] = {"per_case": {}}
+    for name, (prompts, wanted, unwanted) in groups.items():
+        p_wanted, p_unwanted = probabilities(prompts, wanted), probabilities(prompts, unwanted)
+        results[name] = float((p_wanted > p_unwanted).float().mean())
+        results[name[0] + "M"] = float((p_wanted - p_unwanted).mean())
+        results["per_case"][name] = (p_wanted > p_unwanted).float().tolist()
+    results["S"] = harmonic_mean([results["ES"], results["PS"], results["NS"]])
+    if fluency:
+        prompts = [c["prompt"].replace("{}", c["subject"]) for c in cases]
+        results["GE"] = generation_entropy(generate(model, tokenizer, prompts, fluency_tokens))
+    return results
+
+
+def ngram_entropy(tokens: Sequence[str], n: int) -> float:
+    """Entropy (bits) of the frequency distribution of the n-grams of ``tokens``."""
+    grams = Counter(tuple(tokens[i: i + n]) for i in range(len(tokens) - n + 1))
+    total = sum(grams.values())
+    return -sum(c / total * math.log2(c / total) for c in grams.values()) if total else 0.0
+
+
+def generation_entropy(texts: Sequence[str]) -> float:
+    """Fluency as ROME/MEMIT measure it: per text (H2 + 2·H3)/3 over its bi- and trigrams of words, averaged."""
+    if not texts:
+        raise ValueError("no texts to measure")
+    scores = []
+    for text in texts:
+        words = text.split()
+        scores.append((ngram_entropy(words, 2) + 2 * ngram_entropy(words, 3)) / 3)
+    return sum(scores) / len(scores)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 100, top_k: int = 5, seed: int = 0,
+             batch_size: int = 16) -> list[str]:
+    """Seeded top-k sampling of continuations (the generated text only)."""
+    device = next(model.parameters()).device
+    texts: list[str] = []
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation continues from the last position of every row
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for start in range(0, len(prompts), batch_size):
+                batch = tokenizer(list(prompts[start: start + batch_size]), return_tensors="pt", padding=True)
+                out = model.generate(**batch.to(device), do_sample=True, top_k=top_k, max_new_tokens=max_new_tokens,
+                                     pad_token_id=pad_token_id(tokenizer))
+                texts += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = padding_side
+    return texts

@@ -1,0 +1,70 @@
+"""Degradation measures that still carry signal on 100M–500M-parameter models, where MMLU sits at chance:
+perplexity on held-out text, retained knowledge on facts the unedited model knows, and the edited matrices' norms.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..editing.stats import packed_chunks
+from ..editing.tracing import ModelAccess, chunk_by_tokens, pad_right
+from ..layer import Linear
+from .scoring import pad_token_id, score_continuations
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, texts: Sequence[str], *, n_tokens: int = 20_000, seq_len: int = 256,
+               max_tokens: int = 4096, progress: bool = False) -> float:
+    """exp(mean next-token NLL) over the first ``n_tokens`` tokens of ``texts``, in chunks of ``seq_len``."""
+    chunks = packed_chunks(tokenizer, texts, n_tokens, seq_len)
+    device = next(model.parameters()).device
+    total_nll, count = 0.0, 0
+    for group in tqdm(chunk_by_tokens([len(c) for c in chunks], max_tokens), desc="perplexity",
+                      disable=not progress, leave=False):
+        ids, mask = pad_right([chunks[i] for i in group], pad_token_id(tokenizer))
+        ids, mask = ids.to(device), mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        real = mask[:, 1:].bool()
+        total_nll += float(nll[real].sum())
+        count += int(real.sum())
+    return math.exp(total_nll / count)
+
+
+def known_facts(model, tokenizer, cases: Sequence[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+    """The first ``limit`` CounterFact cases whose true object the model gets right: every token of it is the
+    argmax, teacher-forced, after the prompt."""
+    prompts = [c["prompt"].replace("{}", c["subject"]) for c in cases]
+    correct = score_continuations(model, tokenizer, prompts, [c["target_true"] for c in cases]).token_accuracy
+    chosen = [c for c, ok in zip(cases, correct.tolist()) if ok == 1.0]
+    return chosen[:limit]
+
+
+def retained_knowledge(model, tokenizer, facts: Sequence[dict[str, Any]]) -> float:
+    """Fraction of ``facts`` (from :func:`known_facts` on the unedited model) the model still gets right."""
+    if not facts:
+        raise ValueError("no facts to check")
+    prompts = [c["prompt"].replace("{}", c["subject"]) for c in facts]
+    accuracy = score_continuations(model, tokenizer, prompts, [c["target_true"] for c in facts]).token_accuracy
+    return float((accuracy == 1.0).float().mean())
+
+
+@torch.no_grad()
+def weight_norms(model, adapter_name: str = "default") -> dict[int, dict[str, float]]:
+    """Per edited layer: ‖W₀ + ΔW‖_F / ‖W₀‖_F for the adapter's delta ΔW, and ‖ΔW‖_F."""
+    tuner = getattr(model, "base_model", model)
+    config = tuner.peft_config[adapter_name]
+    access = ModelAccess(tuner.model, tuner._layout(config))
+    norms = {}
+    for layer in config.layers:
+        module = access.w_out(layer)
+        if not isinstance(module, Linear) or adapter_name not in module.encore_delta:
+            raise ValueError(f"layer {layer} carries no delta of adapter {adapter_name!r}")
+        base = (module._original_weight if module.merged else module.get_base_layer().weight).double()
+        delta = module.get_delta_weight(adapter_name).double()
+        norms[layer] = {"norm_ratio": float((base + delta).norm() / base.norm()), "delta_norm": float(delta.norm())}
+    return norms

@@ -1,0 +1,164 @@
+"""Metric functions on hand-made cases with known answers: a bigram 'model' whose next-token distribution is a
+fixed table, and a word-level tokenizer that adds BOS, so every figure can be worked out by hand."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+from hf_encore.evaluation import (
+    TASKS, counterfact_scores, generation_entropy, known_facts, ngram_entropy, parse_answer, perplexity,
+    retained_knowledge, score_continuations, weighted_f1, zsre_scores,
+)
+from hf_encore.evaluation.downstream import few_shot_prompts
+
+WORDS = ["<bos>", "<pad>", "the", "capital", "of", "france", "is", "paris", "rome", "new", "york", "city", "a", "b"]
+ID = {w: i for i, w in enumerate(WORDS)}
+
+
+@pytest.fixture(scope="module")
+def bos_tokenizer():
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", ID["<bos>"])])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", pad_token="<pad>")
+    assert fast("the capital")["input_ids"] == [ID["<bos>"], ID["the"], ID["capital"]]  # BOS is added
+    return fast
+
+
+class Bigram(torch.nn.Module):
+    """logits[t] = table[token t]: the next-token distribution depends on the current token only."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = torch.nn.Parameter(table, requires_grad=False)
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        return SimpleNamespace(logits=self.table[input_ids])
+
+
+def bigram(transitions: dict[str, dict[str, float]]) -> Bigram:
+    """Probabilities from each word (the rest of the mass spread evenly) as a logit table."""
+    table = torch.full((len(WORDS), len(WORDS)), 1e-3)
+    for src, dist in transitions.items():
+        for dst, p in dist.items():
+            table[ID[src], ID[dst]] = p
+    table = table / table.sum(1, keepdim=True)
+    return Bigram(table.log())
+
+
+MODEL = {"of": {"france": 0.9}, "is": {"paris": 0.6, "rome": 0.3}, "new": {"york": 0.8}, "york": {"city": 0.7},
+         "capital": {"of": 0.9}, "<bos>": {"the": 0.5}, "the": {"capital": 0.5, "new": 0.4}, "a": {"b": 0.9},
+         "b": {"a": 0.9}}
+
+
+def p(src, dst):
+    return float(bigram(MODEL).table[ID[src]].softmax(-1)[ID[dst]])
+
+
+def test_multi_token_continuation_is_scored_token_by_token(bos_tokenizer):
+    model = bigram(MODEL)
+    scores = score_continuations(model, bos_tokenizer, ["the capital of france is", "the"], ["paris", "new york city"])
+    assert scores.token_logprobs[0].tolist() == pytest.approx([math.log(p("is", "paris"))], rel=1e-5)
+    expected = [math.log(p("the", "new")), math.log(p("new", "york")), math.log(p("york", "city"))]
+    assert scores.token_logprobs[1].tolist() == pytest.approx(expected, rel=1e-5)
+    assert scores.mean_nll[1].item() == pytest.approx(-sum(expected) / 3, rel=1e-5)
+    # After "the", "capital" (0.5) beats "new" (0.4): the first of the three tokens is not the argmax.
+    assert scores.token_correct[1].tolist() == [False, True, True]
+    assert scores.token_accuracy[1].item() == pytest.approx(2 / 3)
+
+
+def test_counterfact_scores_and_magnitudes(bos_tokenizer):
+    model = bigram(MODEL)
+    cases = [{"prompt": "the capital of {} is", "subject": "france", "target_new": "rome", "target_true": "paris",
+              "rephrase_prompt": "of france is", "locality_prompt": "the capital of france is",
+              "locality_ground_truth": "paris"}]
+    scores = counterfact_scores(model, bos_tokenizer, cases)
+    assert (scores["ES"], scores["PS"], scores["NS"]) == (0.0, 0.0, 1.0)  # the model still says paris
+    assert scores["EM"] == pytest.approx(p("is", "rome") - p("is", "paris"), rel=1e-5)
+    assert scores["NM"] == pytest.approx(p("is", "paris") - p("is", "rome"), rel=1e-5)
+    assert scores["S"] == 0.0  # harmonic mean with a zero
+
+
+def test_zsre_token_accuracy_on_a_multi_token_answer(bos_tokenizer):
+    model = bigram(MODEL)
+    records = [{"prompt": "the {} is", "subject": "capital", "target_new": "new york", "rephrase_prompt": "the",
+                "locality_prompt": "a", "locality_ground_truth": "b a b"}]
+    scores = zsre_scores(model, bos_tokenizer, records)
+    assert scores["ES"] == 0.5  # after "is" the argmax is paris, not new; after "new" it is york
+    assert scores["PS"] == 0.5  # after "the" the argmax is capital; then york
+    assert scores["NS"] == 1.0
+
+
+def test_known_facts_and_retention(bos_tokenizer):
+    cases = [{"prompt": "the capital of {} is", "subject": "france", "target_true": "paris"},
+             {"prompt": "the capital of {} is", "subject": "france", "target_true": "rome"},
+             {"prompt": "{}", "subject": "new", "target_true": "york city"}]
+    facts = known_facts(bigram(MODEL), bos_tokenizer, cases, limit=10)
+    assert [f["target_true"] for f in facts] == ["paris", "york city"]
+    assert retained_knowledge(bigram(MODEL), bos_tokenizer, facts) == 1.0
+    forgetful = bigram({**MODEL, "is": {"rome": 0.9}})
+    assert retained_knowledge(forgetful, bos_tokenizer, facts) == 0.5
+
+
+def test_perplexity_matches_the_bigram_table(bos_tokenizer):
+    model = bigram(MODEL)
+    ppl = perplexity(model, bos_tokenizer, ["a b a b"], n_tokens=100, seq_len=16)
+    nll = -(math.log(p("<bos>", "a")) + 2 * math.log(p("a", "b")) + math.log(p("b", "a"))) / 4
+    assert ppl == pytest.approx(math.exp(nll), rel=1e-5)
+
+
+def test_ngram_entropy_and_fluency():
+    assert ngram_entropy("a b a b".split(), 2) == pytest.approx(-(2 / 3) * math.log2(2 / 3) - (1 / 3) * math.log2(1 / 3))
+    assert ngram_entropy("a a a a".split(), 3) == 0.0
+    text = "x y z w"
+    assert generation_entropy([text]) == pytest.approx((math.log2(3) + 2 * math.log2(2)) / 3)
+    assert generation_entropy(["a a a a a"]) == 0.0  # a degenerate, repetitive generation
+
+
+def test_weighted_f1_and_answer_parsing():
+    assert weighted_f1([0, 0, 1, 1], [0, 0, 1, 1]) == 1.0
+    # class 0: tp 1, fp 0, fn 1 → 2/3; class 1: tp 2, fp 1, fn 0 → 4/5; supports 2 and 2.
+    assert weighted_f1([0, 0, 1, 1], [0, 1, 1, 1]) == pytest.approx((2 / 3 + 4 / 5) / 2)
+    assert weighted_f1([0, 1], [-1, -1]) == 0.0  # unparseable answers are wrong
+    assert parse_answer(" Positive.", ("negative", "positive")) == 1
+    assert parse_answer(" B) because", ("A", "B", "C", "D")) == 1
+    assert parse_answer(" maybe", ("No", "Yes")) == -1
+
+
+def test_few_shot_prompts_use_the_pool_and_test_after_it():
+    items = [{"sentence": f"s{i}", "label": i % 2} for i in range(30)]
+    prompts, gold = few_shot_prompts(TASKS["sst2"], items, n_shots=2, n_test=5)
+    assert len(prompts) == 5 and gold == [0, 1, 0, 1, 0]
+    assert prompts[0] == "Review: s0\nSentiment: negative\n\nReview: s1\nSentiment: positive\n\nReview: s10\nSentiment:"
+    mmlu = [{"question": f"q{i}", "choices": ["w", "x", "y", "z"], "answer": i % 4} for i in range(12)]
+    prompts, gold = few_shot_prompts(TASKS["mmlu"], mmlu, n_shots=1, n_test=5)
+    assert gold == [2, 3] and prompts[0].startswith("Question: q0\nA. w\nB. x\nC. y\nD. z\nAnswer: A\n\n")
+
+
+def test_downstream_and_norms_on_a_real_model(smollm2, tokenizer, shared_data, corpus_path, tmp_path, monkeypatch):
+    from hf_encore import EncoreConfig, get_encore_model
+    from hf_encore.evaluation import downstream_scores, weight_norms
+
+    scores = downstream_scores(smollm2, tokenizer, shared_data / "downstream", tasks=("sst2", "mmlu"), n_shots=2,
+                               n_test=6, progress=False)
+    for name in ("sst2", "mmlu"):
+        task = scores["tasks"][name]
+        assert task["n"] == 6 and 0 <= task["f1"] <= 1 and 0 <= task["f1_likelihood"] <= 1
+    assert scores["mean_f1"] == pytest.approx((scores["tasks"]["sst2"]["f1"] + scores["tasks"]["mmlu"]["f1"]) / 2)
+
+    monkeypatch.setenv("HF_ENCORE_CACHE", str(tmp_path))
+    model = get_encore_model(smollm2, EncoreConfig(layers=[3, 4], stats_n_tokens=2048, v_num_grad_steps=3),
+                             tokenizer=tokenizer, corpus=corpus_path)
+    assert all(v == {"norm_ratio": 1.0, "delta_norm": 0.0} for v in weight_norms(model).values())
+    report = model.edit([{"prompt": "{} plays the sport of", "subject": "LeBron James", "target_new": "football"}],
+                        progress=False)
+    norms = weight_norms(model)
+    for layer_report in report.layers:
+        assert norms[layer_report.layer]["delta_norm"] == pytest.approx(layer_report.delta_norm, rel=1e-5)
+        assert norms[layer_report.layer]["norm_ratio"] == pytest.approx(layer_report.weight_norm_ratio, rel=1e-9)
