@@ -38,9 +38,15 @@ def perplexity(model, tokenizer, texts: Sequence[str], *, n_tokens: int = 20_000
 def known_facts(model, tokenizer, cases: Sequence[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
     """The first ``limit`` CounterFact cases whose true object the model gets right: every token of it is the
     argmax, teacher-forced, after the prompt."""
-    prompts = [c["prompt"].replace("{}", c["subject"]) for c in cases]
-    correct = score_continuations(model, tokenizer, prompts, [c["target_true"] for c in cases]).token_accuracy
-    chosen = [c for c, ok in zip(cases, correct.tolist()) if ok == 1.0]
+    chosen: list[dict[str, Any]] = []
+    block = max(64, 4 * limit)  # score only as many cases as it takes to find ``limit``
+    for start in range(0, len(cases), block):
+        part = cases[start: start + block]
+        prompts = [c["prompt"].replace("{}", c["subject"]) for c in part]
+        correct = score_continuations(model, tokenizer, prompts, [c["target_true"] for c in part]).token_accuracy
+        chosen += [c for c, ok in zip(part, correct.tolist()) if ok == 1.0]
+        if len(chosen) >= limit:
+            break
     return chosen[:limit]
 
 
