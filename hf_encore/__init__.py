@@ -40,9 +40,5 @@ def get_encore_model(model, config: EncoreConfig | None = None, *, adapter_name:
     for the second-moment statistics (else model-generated text, with a warning).
     """
     peft_model = EncorePeftModel(model, config or EncoreConfig(), adapter_name=adapter_name)
-    tuner = peft_model.base_model
-    if tokenizer is not None:
-        tuner.__dict__["tokenizer"] = tokenizer
-    if corpus is not None:
-        tuner.__dict__["stats_corpus"] = corpus
+    peft_model.base_model.set_editing_inputs(tokenizer, corpus)
     return peft_model

@@ -123,6 +123,13 @@ class EncoreModel(BaseTuner):
 
     # ---- helpers ----------------------------------------------------------------------------------------------
 
+    def set_editing_inputs(self, tokenizer=None, corpus: Corpus = None) -> None:
+        """Keep the tokenizer and the statistics corpus that ``edit()`` uses when not given them."""
+        if tokenizer is not None:
+            self.__dict__["tokenizer"] = tokenizer
+        if corpus is not None:
+            self.__dict__["stats_corpus"] = corpus
+
     def _layout(self, config: EncoreConfig) -> ModelLayout:
         return resolve_layout(self.model, config.block_path, config.mlp_out)
 

