@@ -47,6 +47,11 @@ class EncoreLayer(BaseTunerLayer):
         self._original_weight: Optional[torch.Tensor] = None
         self.kwargs = kwargs
 
+    @property
+    def original_weight(self) -> torch.Tensor:
+        """The base weight as it was before any merge (the weights the deltas were solved against)."""
+        return self._original_weight if self.merged else self.get_base_layer().weight
+
     def update_layer(self, adapter_name: str, inference_mode: bool = False, **kwargs) -> None:
         weight = self.get_base_layer().weight
         delta = torch.zeros(self.out_features, self.in_features, dtype=torch.float32, device=weight.device)

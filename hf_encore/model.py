@@ -57,10 +57,7 @@ def edited_weights_fingerprint(model: torch.nn.Module, layout: ModelLayout, laye
     named = []
     for layer in layers:
         module = blocks[layer].get_submodule(layout.mlp_out)
-        if isinstance(module, EncoreLayer):
-            weight = module._original_weight if module.merged else module.get_base_layer().weight
-        else:
-            weight = module.weight
+        weight = module.original_weight if isinstance(module, EncoreLayer) else module.weight
         named.append((f"{layer}.{layout.mlp_out}", weight))
     return tensors_fingerprint(named)
 
@@ -197,7 +194,8 @@ class EncoreModel(BaseTuner):
         n_tokens = config.stats_n_tokens or max(10_000, 10 * d_k)
         recorded = [state.stats_refs.get(layer) for layer in config.layers]
         texts = read_corpus(corpus) if corpus is not None else None
-        if texts is None and all(recorded):
+        resumed = texts is None and all(recorded)
+        if resumed:
             # A resumed adapter keeps using the statistics its earlier edits were solved with.
             keys = {layer: ref["cache_key"] for layer, ref in zip(config.layers, recorded)}
             corpus_id = recorded[-1]["corpus_id"]
@@ -219,7 +217,7 @@ class EncoreModel(BaseTuner):
             if c0 is not None:
                 found[layer] = self._stats[key] = LayerStatistics(c0, n_tokens)
         missing = [layer for layer in config.layers if layer not in found]
-        if missing and texts is None and all(recorded):
+        if missing and resumed:
             raise FileNotFoundError(
                 f"The statistics adapter {adapter!r} was edited with (layers {missing}, corpus {corpus_id}) are not "
                 "in this machine's cache: pass the same corpus (corpus=...), or save the adapter with "

@@ -198,7 +198,7 @@ def load_model(
     device: str | torch.device | None = None,
 ):
     """Load ``(model, tokenizer)`` from a built-in name, a directory, a ``.gguf`` file or a Hub id."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     source = str(name_or_path)
     builtin = resolve_builtin(source)
@@ -208,7 +208,7 @@ def load_model(
         source, gguf_file = str(Path(source).parent), Path(source).name
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    tokenizer = load_tokenizer(source, gguf_file=gguf_file)
     if gguf_file:
         # Adapters record it, so that loaders can pass gguf_file= again.
         model.gguf_file = gguf_file

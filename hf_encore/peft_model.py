@@ -19,9 +19,11 @@ from peft import PeftModelForCausalLM
 
 from .config import EncoreConfig
 from .serialization import (
-    ADAPTER_WEIGHTS, AdapterFileError, atomic_directory, cast_safetensors, parse_dtype, read_edit_state,
-    verify_adapter_directory, write_edit_state,
+    ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterFileError, atomic_directory, cast_safetensors, parse_dtype, read_edit_state,
+    read_json, verify_adapter_directory, write_edit_state,
 )
+
+_HUB_KWARGS = ("subfolder", "revision", "token", "cache_dir")
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +44,19 @@ def resolve_adapter_dir(model_id: str | os.PathLike, *, subfolder: str | None = 
         directory = Path(snapshot_download(repo_id=str(model_id), revision=revision, token=token,
                                            cache_dir=cache_dir, allow_patterns=patterns))
     return directory / subfolder if subfolder else directory
+
+
+def _split_hub_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(arguments that locate an adapter on the Hub, the rest)."""
+    return ({k: kwargs.get(k) for k in _HUB_KWARGS}, {k: v for k, v in kwargs.items() if k not in _HUB_KWARGS})
+
+
+def read_config(directory: Path, ignore_base_mismatch: bool = False) -> EncoreConfig:
+    """The adapter's EncoreConfig; an unreadable file raises :class:`AdapterFileError` naming it."""
+    read_json(directory / ADAPTER_CONFIG)
+    config = EncoreConfig.from_pretrained(str(directory))
+    config._ignore_base_mismatch = ignore_base_mismatch  # read by the tuner when it attaches the adapter
+    return config
 
 
 class EncorePeftModel(PeftModelForCausalLM):
@@ -110,15 +125,13 @@ class EncorePeftModel(PeftModelForCausalLM):
         if is_trainable:
             raise ValueError("Encore deltas are written in closed form by edit(), not trained; load with "
                              "is_trainable=False")
-        hub = {k: kwargs.get(k) for k in ("subfolder", "revision", "token", "cache_dir")}
+        hub, kwargs = _split_hub_kwargs(kwargs)
         directory = resolve_adapter_dir(model_id, **hub)
         meta = verify_adapter_directory(directory)
         if adapter_name not in self.peft_config:
-            config = EncoreConfig.from_pretrained(str(directory))
-            config._ignore_base_mismatch = ignore_base_mismatch
+            config = read_config(directory, ignore_base_mismatch)
             config.inference_mode = True
             self.add_adapter(adapter_name, config)
-        kwargs = {k: v for k, v in kwargs.items() if k not in hub}
         result = super().load_adapter(str(directory), adapter_name, is_trainable=False, **kwargs)
         if meta is not None:
             state, statistics = read_edit_state(directory, meta)
@@ -154,10 +167,9 @@ def from_pretrained(
     Raises :class:`~hf_encore.model.BaseModelMismatchError` if the adapter was made for other base weights, unless
     ``ignore_base_mismatch=True``; :class:`~hf_encore.serialization.AdapterFileError` for a damaged file.
     """
-    hub = {k: kwargs.get(k) for k in ("subfolder", "revision", "token", "cache_dir")}
-    directory = resolve_adapter_dir(model_id, **hub)
-    verify_adapter_directory(directory)
-    config = EncoreConfig.from_pretrained(str(directory))
+    hub, kwargs = _split_hub_kwargs(kwargs)
+    directory = resolve_adapter_dir(model_id, **hub)  # the files are checked once, by load_adapter
+    config = read_config(directory, ignore_base_mismatch)
     if model is None:
         from .models import load_model
 
@@ -165,8 +177,6 @@ def from_pretrained(
             raise ValueError(f"{directory} does not name its base model: pass the model")
         model, loaded_tokenizer = load_model(config.base_model_name_or_path, gguf_file=config.gguf_file)
         tokenizer = tokenizer or loaded_tokenizer
-    config._ignore_base_mismatch = ignore_base_mismatch
-    kwargs = {k: v for k, v in kwargs.items() if k not in hub}
     peft_model = EncorePeftModel.from_pretrained(model, str(directory), adapter_name=adapter_name, config=config,
                                                  **kwargs)
     peft_model.base_model.set_editing_inputs(tokenizer, corpus)

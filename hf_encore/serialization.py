@@ -146,7 +146,7 @@ def write_edit_state(
     (directory / STATE_JSON).write_text(json.dumps(meta, indent=1, ensure_ascii=False), encoding="utf-8")
 
 
-def _read_json(path: Path):
+def read_json(path: Path):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -174,9 +174,9 @@ def verify_adapter_directory(directory: Path) -> dict | None:
     config_path = directory / ADAPTER_CONFIG
     if not config_path.is_file():
         raise AdapterFileError(f"{config_path}: missing (is {directory} an adapter directory?)")
-    _read_json(config_path)
+    read_json(config_path)
     state_path = directory / STATE_JSON
-    meta = _read_json(state_path) if state_path.is_file() else None
+    meta = read_json(state_path) if state_path.is_file() else None
     if meta is not None:
         if meta.get("format_version", 0) > FORMAT_VERSION:
             raise AdapterFileError(f"{state_path}: written by a newer hf_encore (format "

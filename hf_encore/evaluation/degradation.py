@@ -70,7 +70,7 @@ def weight_norms(model, adapter_name: str = "default") -> dict[int, dict[str, fl
         module = access.w_out(layer)
         if not isinstance(module, Linear) or adapter_name not in module.encore_delta:
             raise ValueError(f"layer {layer} carries no delta of adapter {adapter_name!r}")
-        base = (module._original_weight if module.merged else module.get_base_layer().weight).double()
+        base = module.original_weight.double()
         delta = module.get_delta_weight(adapter_name).double()
         norms[layer] = {"norm_ratio": float((base + delta).norm() / base.norm()), "delta_norm": float(delta.norm())}
     return norms
