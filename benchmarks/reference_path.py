@@ -103,8 +103,15 @@ def reference_optimise_targets(access: ModelAccess, prepared, layer: int, settin
 
 
 @torch.no_grad()
-def reference_keys_and_outputs(access: ModelAccess, prepared, key_layer: int, output_layer: int, pad_id: int,
-                               max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_key_pass_inputs(access: ModelAccess, prepared, first_layer: int, pad_id: int, max_tokens: int):
+    """No shared work: each layer's key pass starts from the token ids of the whole prompts."""
+    return prepared, pad_id
+
+
+@torch.no_grad()
+def reference_keys_and_outputs(access: ModelAccess, inputs, key_layer: int,
+                               output_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    prepared, pad_id = inputs
     keys, outs = [], []
     for req in prepared:
         batch_ids, mask = pad_right([p.ids for p in req.prompts], pad_id)
@@ -156,6 +163,7 @@ def reference_second_moments(access: ModelAccess, chunks: list[list[int]], layer
 def use_reference_path() -> Iterator[None]:
     """Within the block, ``edit()`` and ``compute_statistics()`` run the reference steps."""
     names = {"optimise_targets": reference_optimise_targets, "keys_and_outputs": reference_keys_and_outputs,
+             "key_pass_inputs": reference_key_pass_inputs,
              "second_moments": reference_second_moments}
     saved = {name: getattr(encore_model, name) for name in names}
     try:

@@ -22,7 +22,7 @@ from peft.tuners.tuners_utils import BaseTuner
 
 from .architectures import MODEL_LAYOUTS, ModelLayout, get_blocks, layers_for, resolve_layout, target_module_regex
 from .config import EncoreConfig
-from .editing.keys import keys_and_outputs
+from .editing.keys import key_pass_inputs, keys_and_outputs
 from .editing.report import EditReport, LayerReport, RequestReport
 from .editing.requests import EditRequest, parse_requests, prepare_requests
 from .editing.solve import absolute_regularisers, layer_residual, nullspace_projector, solve_update
@@ -353,9 +353,12 @@ class EncoreModel(BaseTuner):
         new_moments: dict[int, torch.Tensor] = {}
         layer_reports = []
         with torch.no_grad():
+            tick = time.perf_counter()
+            key_inputs = key_pass_inputs(access, prepared, min(config.layers), pad_id, budget)
+            seconds["keys"] += time.perf_counter() - tick
             for i, layer in enumerate(config.layers):
                 tick = time.perf_counter()
-                keys, outputs = keys_and_outputs(access, prepared, layer, critical, pad_id, budget)
+                keys, outputs = keys_and_outputs(access, key_inputs, layer, critical)
                 seconds["keys"] += time.perf_counter() - tick
                 tick = time.perf_counter()
                 residual = layer_residual(z, outputs, len(config.layers) - i)

@@ -102,3 +102,32 @@ def test_same_requests_give_identical_deltas(edited, smollm2, tokenizer, corpus_
     first = edited["encore"]["deltas"]
     assert again.keys() == first.keys()
     assert all(torch.equal(again[k], first[k]) for k in first)
+
+
+def test_shared_key_pass_matches_whole_prompt_passes(smollm2, tokenizer, cases):
+    """Keys read from prompts cut after the subject and replayed from the first edited block equal keys from a
+    full forward of each whole prompt through the whole model."""
+    from hf_encore.architectures import resolve_layout
+    from hf_encore.editing.keys import key_pass_inputs, keys_and_outputs
+    from hf_encore.editing.requests import parse_requests, prepare_requests
+    from hf_encore.editing.tracing import ModelAccess, pad_right
+
+    access = ModelAccess(smollm2, resolve_layout(smollm2))
+    templates = ["{}", "The weather is nice today. {}", "In other news, {}"]
+    prepared = prepare_requests(tokenizer, parse_requests(cases[:4]), templates)
+    inputs = key_pass_inputs(access, prepared, 4, tokenizer.pad_token_id, max_tokens=64)
+    assert len(inputs.chunks) > 2  # the budget forces several chunks of each kind
+    for key_layer in (4, 6):
+        keys, outputs = keys_and_outputs(access, inputs, key_layer, 8)
+        for r, req in enumerate(prepared):
+            ids, mask = pad_right([p.ids for p in req.prompts], tokenizer.pad_token_id)
+            got = access.trace(ids, mask, block_outputs=[8], mlp_inputs=[key_layer])
+            at = torch.tensor([p.subject_last for p in req.prompts])
+            k = got[("key", key_layer)][torch.arange(len(at)), at].double()
+            expected_key = 0.5 * k[0] + 0.5 * k[1:].mean(0)
+            expected_output = got[("block", 8)][0, at[0]].double()
+            # Other padding and batch shapes change float32 rounding only.
+            assert (keys[:, r] - expected_key).norm() < 1e-5 * expected_key.norm()
+            assert (outputs[:, r] - expected_output).norm() < 1e-5 * expected_output.norm()
+    with pytest.raises(ValueError, match="below the cached start"):
+        keys_and_outputs(access, inputs, 3, 8)
