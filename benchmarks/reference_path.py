@@ -110,9 +110,9 @@ def reference_key_pass_inputs(access: ModelAccess, prepared, first_layer: int, p
 
 @torch.no_grad()
 def reference_keys_and_outputs(access: ModelAccess, inputs, key_layer: int,
-                               output_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+                               output_layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     prepared, pad_id = inputs
-    keys, outs = [], []
+    keys, raw_keys, outs = [], [], []
     for req in prepared:
         batch_ids, mask = pad_right([p.ids for p in req.prompts], pad_id)
         lookup = torch.tensor([p.subject_last for p in req.prompts])
@@ -132,8 +132,9 @@ def reference_keys_and_outputs(access: ModelAccess, inputs, key_layer: int,
                 h.remove()
         k = got["k"]
         keys.append(k[0] if len(k) == 1 else 0.5 * k[0] + 0.5 * k[1:].mean(0))
+        raw_keys.append(k[0])
         outs.append(got["h"])
-    return torch.stack(keys, 1), torch.stack(outs, 1)
+    return torch.stack(keys, 1), torch.stack(raw_keys, 1), torch.stack(outs, 1)
 
 
 @torch.no_grad()

@@ -67,7 +67,8 @@ class EncoreConfig(PeftConfig):
         method: preset of switches, one of ``"encore"`` (default), ``"memit"``, ``"alphaedit"``.
         layers: decoder layers whose MLP output projection is edited; ``None`` takes the published layers for
             the model if known, else an early-middle band of five layers. The last one is the critical layer L.
-        block_path, mlp_out: module names for a model family that is not in the layout table.
+        block_path: module path of the decoder blocks, for a model family that is not in the layout table.
+        mlp_out: name of W_out inside a block, for such a family.
         mpes: Most-Probable Early Stopping of the z-optimisation (ENCORE regulariser 1).
         mpes_extra_steps: the paper's "+k": qualifying iterations required after the first.
         mpes_check_raw_prompt: also require the raw ``"{}"`` prompt to have the target as argmax (the reference
@@ -78,8 +79,16 @@ class EncoreConfig(PeftConfig):
         nullspace_threshold: eigenvalues of C₀ below this (relative to tr(C₀)/d_k unless absolute) span the null
             space.
         regularizer_scale: ``"relative"`` or ``"absolute"`` units for the three numbers above.
-        v_lr, v_num_grad_steps, clamp_norm_factor, v_weight_decay, kl_factor: z-optimisation (ALGORITHM.md §2).
-        n_context_templates, context_template_length, seed: the seeded context templates.
+        map_through_post_norm: for models that normalise the MLP output before the residual add (Gemma-2/3), map
+            each layer's residual target back through that norm; no effect on other models.
+        v_lr: learning rate of the z-optimisation (ALGORITHM.md §2).
+        v_num_grad_steps: its step budget.
+        clamp_norm_factor: δ is kept within this fraction of the hidden state's norm.
+        v_weight_decay: weight decay on δ.
+        kl_factor: weight of the KL term that keeps the subject's other predictions.
+        n_context_templates: context-prefixed copies of each prompt.
+        context_template_length: tokens generated for each context template.
+        seed: seed of the context templates.
         stats_n_tokens: tokens of generic text for C₀ (``None``: 10·d_k, at least 10,000).
         stats_seq_len: length of the packed text chunks used for statistics.
         max_tokens_per_forward: token budget of one forward pass (bounds memory on long batches).
@@ -98,6 +107,7 @@ class EncoreConfig(PeftConfig):
     nullspace_projection: Optional[bool] = None
     nullspace_threshold: Optional[float] = None
     regularizer_scale: Literal["relative", "absolute"] = "relative"
+    map_through_post_norm: bool = True
 
     v_lr: float = 0.5
     v_num_grad_steps: int = 25

@@ -25,7 +25,8 @@ from .config import EncoreConfig
 from .editing.keys import key_pass_inputs, keys_and_outputs
 from .editing.report import EditReport, LayerReport, RequestReport
 from .editing.requests import EditRequest, parse_requests, prepare_requests
-from .editing.solve import absolute_regularisers, layer_residual, nullspace_projector, solve_update
+from .editing.solve import (
+    absolute_regularisers, layer_residual, nullspace_projector, pre_norm_residual, solve_update)
 from .editing.state import EditState, LayerStatistics
 from .editing.stats import (
     Corpus, generated_corpus, load_cached, model_fingerprint, packed_chunks, read_corpus, save_cached,
@@ -358,10 +359,13 @@ class EncoreModel(BaseTuner):
             seconds["keys"] += time.perf_counter() - tick
             for i, layer in enumerate(config.layers):
                 tick = time.perf_counter()
-                keys, outputs = keys_and_outputs(access, key_inputs, layer, critical)
+                keys, raw_keys, outputs = keys_and_outputs(access, key_inputs, layer, critical)
                 seconds["keys"] += time.perf_counter() - tick
                 tick = time.perf_counter()
                 residual = layer_residual(z, outputs, len(config.layers) - i)
+                if config.map_through_post_norm and access.post_mlp_norm(layer) is not None:
+                    mlp_out, normalised, gain = access.mlp_output_through_norm(layer, raw_keys)
+                    residual = pre_norm_residual(mlp_out, normalised, residual, gain)
                 c0 = stats[layer]
                 lam_p, ridge, threshold = absolute_regularisers(
                     c0.c0, config.preservation_weight, config.norm_weight, config.nullspace_threshold,
@@ -397,7 +401,7 @@ class EncoreModel(BaseTuner):
             "batch": state.num_batches, "time": time.time(), "method": config.method,
             "settings": {k: getattr(config, k) for k in (
                 "mpes", "mpes_extra_steps", "preservation_weight", "norm_weight", "nullspace_projection",
-                "nullspace_threshold", "regularizer_scale", "v_lr", "v_num_grad_steps")},
+                "nullspace_threshold", "regularizer_scale", "map_through_post_norm", "v_lr", "v_num_grad_steps")},
             "requests": [vars(r) for r in parsed],
             "report": {"requests": [vars(r) for r in request_reports], "layers": [vars(x) for x in layer_reports]},
         })

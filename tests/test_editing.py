@@ -118,7 +118,7 @@ def test_shared_key_pass_matches_whole_prompt_passes(smollm2, tokenizer, cases):
     inputs = key_pass_inputs(access, prepared, 4, tokenizer.pad_token_id, max_tokens=64)
     assert len(inputs.chunks) > 2  # the budget forces several chunks of each kind
     for key_layer in (4, 6):
-        keys, outputs = keys_and_outputs(access, inputs, key_layer, 8)
+        keys, raw_keys, outputs = keys_and_outputs(access, inputs, key_layer, 8)
         for r, req in enumerate(prepared):
             ids, mask = pad_right([p.ids for p in req.prompts], tokenizer.pad_token_id)
             got = access.trace(ids, mask, block_outputs=[8], mlp_inputs=[key_layer])
@@ -128,6 +128,7 @@ def test_shared_key_pass_matches_whole_prompt_passes(smollm2, tokenizer, cases):
             expected_output = got[("block", 8)][0, at[0]].double()
             # Other padding and batch shapes change float32 rounding only.
             assert (keys[:, r] - expected_key).norm() < 1e-5 * expected_key.norm()
+            assert (raw_keys[:, r] - k[0]).norm() < 1e-5 * k[0].norm()
             assert (outputs[:, r] - expected_output).norm() < 1e-5 * expected_output.norm()
     with pytest.raises(ValueError, match="below the cached start"):
         keys_and_outputs(access, inputs, 3, 8)

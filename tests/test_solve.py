@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_encore.editing.solve import absolute_regularisers, layer_residual, nullspace_projector, solve_update
+from hf_encore.editing.solve import (
+    absolute_regularisers, layer_residual, nullspace_projector, pre_norm_residual, solve_update)
 from hf_encore.editing.targets import RowAdam
 from hf_encore.editing.tracing import chunk_by_tokens, pad_right
 
@@ -123,3 +124,37 @@ def test_padding_and_chunking():
     chunks = chunk_by_tokens([10, 10, 30, 5], budget=40)
     assert chunks == [[0, 1], [2], [3]]
     assert sum(chunks, []) == [0, 1, 2, 3]
+
+
+def _rms_norm(m: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+    """N(m) = g ⊙ m / rms(m) per column of m [d, n] (Gemma's norm without its tiny ε)."""
+    return gain.unsqueeze(1) * m / m.pow(2).mean(0, keepdim=True).sqrt()
+
+
+def test_pre_norm_residual_reaches_a_reachable_target():
+    g = torch.Generator().manual_seed(3)
+    gain = 0.5 + torch.rand(D_V, generator=g, dtype=torch.float64)
+    m = torch.randn(D_V, N, generator=g, dtype=torch.float64)
+    wanted = m + 0.3 * torch.randn(D_V, N, generator=g, dtype=torch.float64)
+    residual = _rms_norm(wanted, gain) - _rms_norm(m, gain)
+    # Only the gain's shape matters: pass it scaled, as N(ones) of a norm with ε would give it.
+    change = pre_norm_residual(m, _rms_norm(m, gain), residual, 0.9 * gain)
+    torch.testing.assert_close(_rms_norm(m + change, gain), _rms_norm(wanted, gain))
+    # Adding R to m itself (the plain rule) misses the target.
+    assert (_rms_norm(m + residual, gain) - _rms_norm(wanted, gain)).norm() > 1e-2
+
+
+def test_pre_norm_residual_takes_the_closest_reachable_output_and_scale():
+    g = torch.Generator().manual_seed(4)
+    gain = torch.randn(D_V, generator=g, dtype=torch.float64)  # some gains near zero, as in real models
+    m = torch.randn(D_V, N, generator=g, dtype=torch.float64)
+    target = _rms_norm(m, gain) + 0.5 * torch.randn(D_V, N, generator=g, dtype=torch.float64)  # unreachable
+    new = m + pre_norm_residual(m, _rms_norm(m, gain), target - _rms_norm(m, gain), gain)
+    reached = _rms_norm(new, gain)
+    # No output of the norm lies closer to the target (random directions, 2000 per column).
+    u = torch.randn(2000, D_V, N, generator=g, dtype=torch.float64)
+    others = gain[None, :, None] * u / u.pow(2).mean(1, keepdim=True).sqrt()
+    closest_other = (others - target).norm(dim=1).min(0).values
+    assert ((reached - target).norm(dim=0) <= closest_other + 1e-9).all()
+    # Least squares in the scale: the remaining change is orthogonal to the new output.
+    torch.testing.assert_close((new * (new - m)).sum(0), torch.zeros(N, dtype=torch.float64), atol=1e-10, rtol=0)

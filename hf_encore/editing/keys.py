@@ -59,12 +59,13 @@ def key_pass_inputs(
 @torch.no_grad()
 def keys_and_outputs(
     access: ModelAccess, inputs: KeyPassInputs, key_layer: int, output_layer: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keys at ``key_layer`` and block ``output_layer``'s output, for every request, running blocks from
     ``inputs.start`` up to ``key_layer`` on all prompts and up to ``output_layer`` on the raw prompts only.
 
     Returns:
         K: [d_k, n] float64, each key ½·k(raw prompt) + ½·mean of k(prefixed prompts) (ALGORITHM.md §4);
+        K_raw: [d_k, n] float64, k(raw prompt);
         H: [d_v, n] float64, block output at the subject's last token of the raw prompt.
     """
     if min(key_layer, output_layer) < inputs.start:
@@ -85,4 +86,4 @@ def keys_and_outputs(
     per = inputs.per_request
     keys = keys.view(total // per, per, -1)
     k = keys[:, 0] if per == 1 else 0.5 * keys[:, 0] + 0.5 * keys[:, 1:].mean(1)
-    return k.T.contiguous(), outs.view(total // per, per, -1)[:, 0].T.contiguous()
+    return k.T.contiguous(), keys[:, 0].T.contiguous(), outs.view(total // per, per, -1)[:, 0].T.contiguous()

@@ -47,7 +47,7 @@ def solve_update(
         ΔW [d_v, d_k] float64.
 
     Raises:
-        torch.linalg.LinAlgError if the system is not positive definite (no regulariser covers some direction).
+        torch.linalg.LinAlgError: the system is not positive definite (no regulariser covers some direction).
     """
     k = keys.double()
     a = preserved.double() + k @ k.T
@@ -81,3 +81,52 @@ def absolute_regularisers(
     d_k = c0.shape[0]
     trace = float(torch.diagonal(c0).sum())
     return preservation_weight * d_k, norm_weight * trace, nullspace_threshold * trace / d_k
+
+
+def pre_norm_residual(
+    mlp_out: torch.Tensor, normalised: torch.Tensor, residual: torch.Tensor, norm_scale: torch.Tensor
+) -> torch.Tensor:
+    """The change of W_out's output m that moves an RMS norm after it, N(m) = g ⊙ m / rms(m), by ``residual``.
+
+    Gemma-2/3 add N(m), not m, to the residual stream, so MEMIT's "add R to W_out's output" misses. N is
+    invariant to the scale of m and its outputs lie on the ellipsoid {g ⊙ u : ‖u‖² = d}: the target y = N(m) + R
+    is replaced by the closest point of that ellipsoid (a trust-region problem: u = g ⊙ y / (g² + μ) with the
+    multiplier μ found by bisection), and its preimage s·u is taken at the scale s closest to m (least squares;
+    rms(m) if that is not positive). The scale of g is fitted to N(m), so ``norm_scale`` may be N applied to
+    ones.
+
+    Args:
+        mlp_out: m [d_v, n], W_out's current output at the edited positions.
+        normalised: N(m) [d_v, n].
+        residual: R [d_v, n], the change wanted after the norm.
+        norm_scale: g [d_v] (up to a constant factor).
+
+    Returns:
+        m' − m [d_v, n].
+    """
+    m = mlp_out.double()
+    normalised = normalised.double()
+    g = norm_scale.double().unsqueeze(1)  # [d_v, 1]
+    # Fix g's scale by least squares from N(m) = g ⊙ m / rms(m), so "up to a constant factor" is exact.
+    unscaled = g * m / m.pow(2).mean(0, keepdim=True).sqrt()
+    g = g * (normalised * unscaled).sum() / unscaled.pow(2).sum()
+    dim = m.shape[0]
+    target = normalised + residual.double()
+    gy = g * target  # [d_v, n]
+    g2 = g * g
+    lo = (-g2.min() + 1e-12 * g2.max()).expand(1, m.shape[1]).clone()
+    hi = (gy.norm(dim=0, keepdim=True) / dim ** 0.5 + g2.max()).clone()
+
+    def excess(mu: torch.Tensor) -> torch.Tensor:  # ‖u(μ)‖² − d, decreasing in μ
+        return (gy / (g2 + mu)).pow(2).sum(0, keepdim=True) - dim
+
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        above = excess(mid) > 0
+        lo = torch.where(above, mid, lo)
+        hi = torch.where(above, hi, mid)
+    u = gy / (g2 + 0.5 * (lo + hi))
+    scale = (u * m).sum(0, keepdim=True) / u.pow(2).sum(0, keepdim=True)
+    rms_m = m.pow(2).mean(0, keepdim=True).sqrt()
+    scale = torch.where(scale > 0, scale, rms_m)
+    return scale * u - m

@@ -90,6 +90,21 @@ class ModelAccess:
     def w_out(self, layer: int) -> nn.Module:
         return self.blocks[layer].get_submodule(self.layout.mlp_out)
 
+    def post_mlp_norm(self, layer: int) -> nn.Module | None:
+        """The norm applied to the MLP output before the residual add (Gemma-2/3), or ``None``."""
+        return self.blocks[layer].get_submodule(self.layout.post_mlp_norm) if self.layout.post_mlp_norm else None
+
+    @torch.no_grad()
+    def mlp_output_through_norm(self, layer: int, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For keys K [d_k, n]: W_out's output m = W_out(K) [d_v, n], the post-MLP norm's output N(m) [d_v, n] and its
+        per-channel gain N(1) [d_v], all float64. Requires a layout with a post-MLP norm."""
+        norm = self.post_mlp_norm(layer)
+        w_out = self.w_out(layer)
+        dtype = self.unembedding.weight.dtype
+        m = w_out(keys.T.to(device=self.device, dtype=dtype))
+        ones = torch.ones(1, m.shape[1], device=self.device, dtype=dtype)
+        return m.double().T.cpu(), norm(m).double().T.cpu(), norm(ones)[0].double().cpu()
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [..., V] from final hidden states [..., d] (after the model's final norm)."""
         weight = self.unembedding.weight
