@@ -7,7 +7,9 @@ z-optimisation's share of this machine's measured matmul peak. Prints figures an
 
 ``--reference-edits K`` runs the reference path on the first K requests only (it handles one request at a time, so
 its time per edit does not depend on the batch; the optimised path is then also run on those K for the agreement
-check). Statistics are compared on ``--stats-tokens`` tokens.
+check). Statistics are compared on ``--stats-tokens`` tokens. ``--parts methods`` (or ``statistics``,
+``reference``) reruns some sections and keeps the others of an existing JSON file; each section records the
+command, time and matmul peak of its run.
 """
 
 from __future__ import annotations
@@ -90,35 +92,13 @@ def timed_edit(model_dir, method, corpus, requests, reference=False):
     return model, tok, report
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--edits", type=int, default=100)
-    parser.add_argument("--reference-edits", type=int, default=None)
-    parser.add_argument("--methods", nargs="+", default=["encore", "memit", "alphaedit"])
-    parser.add_argument("--stats-tokens", type=int, default=4096)
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
-    out = Path(args.out or f"docs/results/speed-{args.model}.json")
-    torch.manual_seed(0)
-
-    model_dir = ensure_builtin(args.model)
-    corpus = data_dir() / "corpus" / "wikitext-2-valid.txt"
-    cases = load_counterfact(data_dir() / "counterfact" / "counterfact-train.json")[: args.edits]
-    requests = [{k: c[k] for k in ("prompt", "subject", "target_new")} for c in cases]
-    n_ref = args.reference_edits or args.edits
-    results = {"model": args.model, "edits": args.edits, "reference_edits": n_ref,
-               "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-                          f"{torch.get_num_threads()} threads", "command": " ".join(sys.argv)}
-    results["matmul_peak_gflops"] = peak = matmul_peak_gflops()
-    print(f"machine: {results['machine']}; fp32 matmul peak {peak:.1f} GFLOP/s", flush=True)
-
-    # ---- statistics: one early-stopping pass for all layers vs one full pass per layer -------------------------
+def statistics_part(model_dir, corpus, stats_tokens: int) -> dict:
+    """One early-stopping pass for all layers against one full pass per layer, on the same chunks."""
     base, tok = load_model(str(model_dir))
     config = EncoreConfig()
     model = get_encore_model(base, config, tokenizer=tok)
     access = ModelAccess(model.base_model.model, model.base_model._layout(config))
-    chunks = packed_chunks(tok, read_corpus(corpus).texts, args.stats_tokens, config.stats_seq_len)
+    chunks = packed_chunks(tok, read_corpus(corpus).texts, stats_tokens, config.stats_seq_len)
     stats = {}
     for name, function in (("optimised", second_moments), ("reference", reference_second_moments)):
         start = time.perf_counter()
@@ -131,64 +111,109 @@ def main() -> None:
               f"({count / seconds:.0f} tok/s)", flush=True)
     agreement = max(float((stats["optimised"]["moments"][l] - stats["reference"]["moments"][l]).abs().max()
                           / stats["reference"]["moments"][l].abs().max()) for l in config.layers)
-    results["statistics"] = {name: {k: v for k, v in s.items() if k != "moments"} for name, s in stats.items()}
-    results["statistics"]["speedup"] = stats["reference"]["seconds"] / stats["optimised"]["seconds"]
-    results["statistics"]["max_relative_difference"] = agreement
-    print(f"statistics speed-up {results['statistics']['speedup']:.1f}x (max rel. difference {agreement:.1e})")
-    del model, base
+    result = {name: {k: v for k, v in s.items() if k != "moments"} for name, s in stats.items()}
+    result["speedup"] = stats["reference"]["seconds"] / stats["optimised"]["seconds"]
+    result["max_relative_difference"] = agreement
+    print(f"statistics speed-up {result['speedup']:.1f}x (max rel. difference {agreement:.1e})")
+    return result
 
+
+def reference_part(model_dir, corpus, cases, requests) -> dict:
+    """ENCORE by the optimised and the reference path on the same requests: time, scores, deltas."""
+    runs = {}
+    for path in ("optimised", "reference"):
+        model, tok, report = timed_edit(model_dir, "encore", corpus, requests, reference=path == "reference")
+        scores = counterfact_scores(model, tok, cases)
+        runs[path] = {"report": report, "deltas": deltas(model), "scores": scores}
+        print(f"encore {path:>9}: {report.seconds['total'] / len(requests):.2f} s/edit over {len(requests)} edits "
+              f"(ES {scores['ES']:.2f}, PS {scores['PS']:.2f}, NS {scores['NS']:.2f}; "
+              f"profile {', '.join(f'{k} {v:.1f}' for k, v in report.seconds.items())})", flush=True)
+    result = {
+        path: {"seconds_per_edit": r["report"].seconds["total"] / len(requests), "profile_seconds": r["report"].seconds,
+               "z_steps": sum(q.steps for q in r["report"].requests),
+               "scores": {k: v for k, v in r["scores"].items() if k != "per_case"}}
+        for path, r in runs.items()}
+    result["speedup"] = result["reference"]["seconds_per_edit"] / result["optimised"]["seconds_per_edit"]
+    result["delta_relative_difference"] = relative_difference(runs["reference"]["deltas"], runs["optimised"]["deltas"])
+    print(f"optimised vs reference: {result['speedup']:.2f}x faster; deltas differ by "
+          f"{result['delta_relative_difference']:.1e} (relative)", flush=True)
+    return result
+
+
+def methods_part(model_dir, corpus, requests, methods, peak: float) -> dict:
+    """Each method on the full batch, each from a freshly loaded model, after one untimed warm-up edit."""
+    timed_edit(model_dir, methods[0], corpus, requests[:2])
+    result: dict = {}
+    for method in methods:
+        model, tok, report = timed_edit(model_dir, method, corpus, requests)
+        entry = {"seconds_per_edit": report.seconds["total"] / len(requests), "profile_seconds": report.seconds,
+                 "z_steps": sum(q.steps for q in report.requests),
+                 "mpes_stopped": sum(q.mpes_stopped for q in report.requests)}
+        if method == "encore":
+            flops = z_flops(model, report, model.peft_config["default"], requests, tok)
+            entry["z_gflops"] = flops / 1e9
+            entry["z_gflops_per_second"] = flops / 1e9 / report.seconds["targets"]
+            entry["z_utilisation_of_matmul_peak"] = entry["z_gflops_per_second"] / peak
+        result[method] = entry
+        print(f"{method:>10}: {entry['seconds_per_edit']:.2f} s/edit at batch {len(requests)}, "
+              f"{entry['z_steps']} z-steps; profile "
+              f"{', '.join(f'{k} {v:.1f}' for k, v in report.seconds.items())}", flush=True)
+    if "encore" in result and "memit" in result:
+        result["encore_over_memit"] = result["encore"]["seconds_per_edit"] / result["memit"]["seconds_per_edit"]
+        print(f"ENCORE / MEMIT time per edit: {result['encore_over_memit']:.2f}")
+    if "encore" in result:
+        e = result["encore"]
+        print(f"z-optimisation: {e['z_gflops']:.0f} GFLOP at {e['z_gflops_per_second']:.1f} GFLOP/s = "
+              f"{100 * e['z_utilisation_of_matmul_peak']:.0f} % of the matmul peak")
+    return result
+
+
+PARTS = ("statistics", "reference", "methods")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--edits", type=int, default=100)
+    parser.add_argument("--reference-edits", type=int, default=None)
+    parser.add_argument("--methods", nargs="+", default=["encore", "memit", "alphaedit"])
+    parser.add_argument("--stats-tokens", type=int, default=4096)
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="sections to run; the others are kept from an existing --out file")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    out = Path(args.out or f"docs/results/speed-{args.model}.json")
+    torch.manual_seed(0)
+
+    model_dir = ensure_builtin(args.model)
+    corpus = data_dir() / "corpus" / "wikitext-2-valid.txt"
+    cases = load_counterfact(data_dir() / "counterfact" / "counterfact-train.json")[: args.edits]
+    requests = [{k: c[k] for k in ("prompt", "subject", "target_new")} for c in cases]
+    n_ref = args.reference_edits or args.edits
+    results = json.loads(out.read_text()) if out.is_file() and set(args.parts) != set(PARTS) else {}
+    machine = (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+               f"{torch.get_num_threads()} threads")
+    peak = matmul_peak_gflops()
+    print(f"machine: {machine}; fp32 matmul peak {peak:.1f} GFLOP/s", flush=True)
+    results.update({"model": args.model, "edits": args.edits, "machine": machine})
+    if "command" in results:  # written before sections were recorded apart: all of it came from one command
+        earlier = {"command": results.pop("command"), "matmul_peak_gflops": results.pop("matmul_peak_gflops")}
+        results["runs"] = {part: dict(earlier) for part in PARTS}
+    runs = results.setdefault("runs", {})
+    for part in args.parts:
+        runs[part] = {"command": " ".join(sys.argv), "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                      "matmul_peak_gflops": peak}
+
+    if "statistics" in args.parts:
+        results["statistics"] = statistics_part(model_dir, corpus, args.stats_tokens)
     with tempfile.TemporaryDirectory() as cache:
         os.environ["HF_ENCORE_CACHE"] = cache  # C₀ computed once here, then shared by every run below
-
-        # ---- optimised vs reference on the same requests -------------------------------------------------------
-        runs = {}
-        for path in ("optimised", "reference"):
-            model, tok, report = timed_edit(model_dir, "encore", corpus, requests[:n_ref], reference=path == "reference")
-            scores = counterfact_scores(model, tok, cases[:n_ref])
-            runs[path] = {"report": report, "deltas": deltas(model), "scores": scores, "model": model, "tok": tok}
-            if path == "reference":
-                del runs[path]["model"]
-            print(f"encore {path:>9}: {report.seconds['total'] / n_ref:.2f} s/edit over {n_ref} edits "
-                  f"(ES {scores['ES']:.2f}, PS {scores['PS']:.2f}, NS {scores['NS']:.2f}; "
-                  f"profile {', '.join(f'{k} {v:.1f}' for k, v in report.seconds.items())})", flush=True)
-        results["reference_comparison"] = {
-            path: {"seconds_per_edit": r["report"].seconds["total"] / n_ref, "profile_seconds": r["report"].seconds,
-                   "z_steps": sum(q.steps for q in r["report"].requests),
-                   "scores": {k: v for k, v in r["scores"].items() if k != "per_case"}}
-            for path, r in runs.items()}
-        comparison = results["reference_comparison"]
-        comparison["speedup"] = comparison["reference"]["seconds_per_edit"] / comparison["optimised"]["seconds_per_edit"]
-        comparison["delta_relative_difference"] = relative_difference(runs["reference"]["deltas"],
-                                                                      runs["optimised"]["deltas"])
-        print(f"optimised vs reference: {comparison['speedup']:.2f}x faster; deltas differ by "
-              f"{comparison['delta_relative_difference']:.1e} (relative)", flush=True)
-
-        # ---- methods at the full batch --------------------------------------------------------------------------
-        results["methods"] = {}
-        for method in args.methods:
-            if method == "encore" and n_ref == args.edits:
-                model, tok, report = runs["optimised"]["model"], runs["optimised"]["tok"], runs["optimised"]["report"]
-            else:
-                model, tok, report = timed_edit(model_dir, method, corpus, requests)
-            entry = {"seconds_per_edit": report.seconds["total"] / args.edits, "profile_seconds": report.seconds,
-                     "z_steps": sum(q.steps for q in report.requests),
-                     "mpes_stopped": sum(q.mpes_stopped for q in report.requests)}
-            if method == "encore":
-                flops = z_flops(model, report, model.peft_config["default"], requests, tok)
-                entry["z_gflops"] = flops / 1e9
-                entry["z_gflops_per_second"] = flops / 1e9 / report.seconds["targets"]
-                entry["z_utilisation_of_matmul_peak"] = entry["z_gflops_per_second"] / peak
-            results["methods"][method] = entry
-            print(f"{method:>10}: {entry['seconds_per_edit']:.2f} s/edit at batch {args.edits}, "
-                  f"{entry['z_steps']} z-steps", flush=True)
-        if "encore" in results["methods"] and "memit" in results["methods"]:
-            results["encore_over_memit"] = (results["methods"]["encore"]["seconds_per_edit"]
-                                            / results["methods"]["memit"]["seconds_per_edit"])
-            print(f"ENCORE / MEMIT time per edit: {results['encore_over_memit']:.2f}")
-        if "z_utilisation_of_matmul_peak" in results["methods"].get("encore", {}):
-            e = results["methods"]["encore"]
-            print(f"z-optimisation: {e['z_gflops']:.0f} GFLOP at {e['z_gflops_per_second']:.1f} GFLOP/s = "
-                  f"{100 * e['z_utilisation_of_matmul_peak']:.0f} % of the matmul peak")
+        if "reference" in args.parts:
+            results["reference_edits"] = n_ref
+            results["reference_comparison"] = reference_part(model_dir, corpus, cases[:n_ref], requests[:n_ref])
+        if "methods" in args.parts:
+            results["methods"] = methods_part(model_dir, corpus, requests, args.methods, peak)
+            results["encore_over_memit"] = results["methods"].pop("encore_over_memit", None)
         del os.environ["HF_ENCORE_CACHE"]
 
     out.parent.mkdir(parents=True, exist_ok=True)
