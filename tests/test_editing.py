@@ -132,3 +132,43 @@ def test_shared_key_pass_matches_whole_prompt_passes(smollm2, tokenizer, cases):
             assert (outputs[:, r] - expected_output).norm() < 1e-5 * expected_output.norm()
     with pytest.raises(ValueError, match="below the cached start"):
         keys_and_outputs(access, inputs, 3, 8)
+
+
+def test_replay_from_prefix_states_matches_a_full_forward(smollm2, tokenizer):
+    """The z-optimisation's shortcut (block-L outputs and earlier keys/values computed once, then only the suffix
+    through the blocks above L) gives the final hidden states of a full forward with δ added at the split."""
+    from hf_encore.architectures import resolve_layout
+    from hf_encore.editing.tracing import ModelAccess, pad_right
+
+    access = ModelAccess(smollm2, resolve_layout(smollm2))
+    pad_id = tokenizer.pad_token_id
+    ids = [tokenizer(t)["input_ids"] for t in ("The Eiffel Tower is located in the city of",
+                                               "LeBron James plays the sport of basketball", "Paris is")]
+    split, layer = [4, 2, 0], 8
+    prefix = access.prefix_states(ids, split, layer, pad_id, max_tokens=24)  # several chunks
+    torch.manual_seed(0)
+    delta = 2.0 * torch.randn(len(ids), smollm2.config.hidden_size)
+    suffixes = [s[sp:] for s, sp in zip(ids, split)]
+    batch_ids, mask = pad_right(suffixes, pad_id)
+    hidden = torch.zeros(len(ids), batch_ids.shape[1], smollm2.config.hidden_size)
+    for row, s in enumerate(suffixes):
+        hidden[row, : len(s)] = prefix.block_output[row][split[row]:]
+    hidden[:, 0] += delta
+    with torch.no_grad():
+        replayed = access.replay_suffix(layer, prefix, [0, 1, 2], hidden, batch_ids, mask)
+    for row, seq in enumerate(ids):
+        def add_delta(module, args, output, row=row):
+            out = output[0] if isinstance(output, tuple) else output
+            out = out.clone()
+            out[0, split[row]] += delta[row]
+            return (out, *output[1:]) if isinstance(output, tuple) else out
+
+        handle = access.blocks[layer].register_forward_hook(add_delta)
+        try:
+            with torch.no_grad():
+                full = access.final_hidden(*pad_right([seq], pad_id))
+        finally:
+            handle.remove()
+        expected = full[0, split[row]:]
+        got = replayed[row, : len(suffixes[row])]
+        assert (got - expected).norm() < 1e-4 * expected.norm(), row

@@ -134,6 +134,7 @@ def optimise_targets(
     per = lay.per_request
     prefix = access.prefix_states(lay.ids, lay.lookup.tolist(), layer, pad_id, settings.max_tokens_per_forward)
     suffix_ids = [seq[int(prefix.split[s]):] for s, seq in enumerate(lay.ids)]
+    suffix_hidden = _pad_suffixes(prefix, list(range(len(lay.ids))))  # [S, T, d], sliced per chunk below
     tok_suffix_pos = lay.tok_pos - prefix.split[lay.tok_seq]  # [M] target positions within the suffixes
     d = prefix.block_output[0].shape[1]
     h_init = torch.stack([prefix.block_output[s][lay.lookup[s]] for s in lay.raw_seq.tolist()])  # [n, d]
@@ -165,7 +166,7 @@ def optimise_targets(
             local_req = torch.arange(len(reqs)).repeat_interleave(per)  # [rows]
             reqs_t = torch.tensor(reqs)
             # δ_r is added at the subject's last token of every prompt of request r: the first suffix position.
-            hidden = _pad_suffixes(prefix, seqs).index_put(
+            hidden = suffix_hidden[torch.tensor(seqs), : batch_ids.shape[1]].index_put(
                 (torch.arange(len(seqs)), torch.zeros(len(seqs), dtype=torch.long)), delta[reqs_t[local_req]],
                 accumulate=True)
             final = access.replay_suffix(layer, prefix, seqs, hidden, batch_ids, mask)  # [rows, T, d]

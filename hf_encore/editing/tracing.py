@@ -173,9 +173,9 @@ class ModelAccess:
     @torch.no_grad()
     def prefix_states(self, ids: Sequence[Sequence[int]], split: Sequence[int], layer: int, pad_id: int,
                       max_tokens: int) -> PrefixStates:
-        """Run every sequence once (all blocks, no logits) and keep what replaying it from block ``layer`` with a
-        change at position ``split[s]`` needs. Keys/values before position t depend on tokens before t only, so the
-        full-sequence run gives the prefix's keys/values exactly."""
+        """Run every sequence once and keep what replaying it from block ``layer`` with a change at position
+        ``split[s]`` needs: blocks up to ``layer`` on all positions, the blocks above only on the positions before
+        the split (keys/values before position t depend on tokens before t only)."""
         from transformers import DynamicCache
 
         split_t = torch.tensor(list(split), dtype=torch.long)
@@ -190,29 +190,34 @@ class ModelAccess:
         block_output: list[torch.Tensor] = [None] * len(ids)  # type: ignore[list-item]
         keys: dict[int, torch.Tensor] = {}
         values: dict[int, torch.Tensor] = {}
-        captured = {}
-        handle = self.blocks[layer].register_forward_hook(lambda m, a, out: captured.__setitem__("h", _first(out)))
-        try:
-            for chunk in chunk_by_tokens([len(s) for s in ids], max_tokens):
-                batch_ids, mask = pad_right([ids[i] for i in chunk], pad_id)
-                cache = DynamicCache(config=self.lm.config)
-                self.decoder(input_ids=batch_ids.to(self.device), attention_mask=mask.to(self.device),
-                             use_cache=True, **{self.cache_kwarg: cache})
-                for row, i in enumerate(chunk):
-                    block_output[i] = captured["h"][row, : len(ids[i])].float().cpu()
-                for l in upper:
-                    k, v = cache.layers[l].keys, cache.layers[l].values  # [B, kv_heads, T, head_dim]
-                    if l not in keys:
-                        shape = (len(ids), k.shape[1], width, k.shape[3])
-                        keys[l] = torch.zeros(shape, dtype=k.dtype, device=k.device)
-                        values[l] = torch.zeros(shape, dtype=v.dtype, device=v.device)
-                    for row, i in enumerate(chunk):
-                        n = int(split_t[i])
-                        if n:
-                            keys[l][i, :, width - n:] = k[row, :, :n]
-                            values[l][i, :, width - n:] = v[row, :, :n]
-        finally:
-            handle.remove()
+        for chunk in chunk_by_tokens([len(s) for s in ids], max_tokens):
+            batch_ids, mask = pad_right([ids[i] for i in chunk], pad_id)
+            hidden = self.trace(batch_ids, mask, block_outputs=[layer])[("block", layer)]
+            for row, i in enumerate(chunk):
+                block_output[i] = hidden[row, : len(ids[i])].float().cpu()
+            n_of_row = split_t[chunk]  # [B]
+            n_max = int(n_of_row.max())
+            if not upper or n_max == 0:
+                continue
+            cache = DynamicCache(config=self.lm.config)
+            with self.replay_from(layer, hidden[:, :n_max]):
+                self.decoder(input_ids=batch_ids[:, :n_max].to(self.device),
+                             attention_mask=mask[:, :n_max].to(self.device), use_cache=True,
+                             **{self.cache_kwarg: cache})
+            # Every (row, t < split) of the chunk, moved to position width − split + t: one copy per layer.
+            row_of = torch.arange(len(chunk)).repeat_interleave(n_of_row)
+            t_of = torch.arange(int(n_of_row.sum())) - (torch.cumsum(n_of_row, 0) - n_of_row).repeat_interleave(
+                n_of_row)
+            seq_of = torch.tensor(chunk)[row_of]
+            dest = width - n_of_row[row_of] + t_of
+            for l in upper:
+                k, v = cache.layers[l].keys, cache.layers[l].values  # [B, kv_heads, n_max, head_dim]
+                if l not in keys:
+                    shape = (len(ids), k.shape[1], width, k.shape[3])
+                    keys[l] = torch.zeros(shape, dtype=k.dtype, device=k.device)
+                    values[l] = torch.zeros(shape, dtype=v.dtype, device=v.device)
+                keys[l][seq_of, :, dest] = k[row_of, :, t_of]
+                values[l][seq_of, :, dest] = v[row_of, :, t_of]
         return PrefixStates(block_output, split_t, keys, values, width)
 
     def replay_suffix(self, layer: int, prefix: PrefixStates, seqs: Sequence[int], hidden: torch.Tensor,
