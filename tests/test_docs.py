@@ -25,6 +25,7 @@ BIN = Path(sys.executable).parent
 PAGES = sorted((ROOT / "docs").rglob("*.md")) + [ROOT / "README.md"]
 EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
 SETUP_COMMANDS = ("make ",)
+RUNNABLE = ("python", "bash", "sh", "shell")
 
 # (pattern, replacement) applied to shell lines: the same commands at small sizes.
 SMALL = [
@@ -111,13 +112,16 @@ def test_site_builds_strictly(tmp_path):
     assert (tmp_path / "site" / "reference" / "api" / "index.html").is_file()
 
 
-def test_every_page_has_a_block_or_is_prose():
-    # A guard for the parser: the pages with examples are found.
-    assert sum(1 for page in PAGES for _ in code_blocks(page)) >= 20
+def test_code_blocks_are_found_and_tagged():
+    blocks = [(page, lang) for page in PAGES for lang, _ in code_blocks(page)]
+    assert sum(lang in RUNNABLE for _, lang in blocks) >= 20  # a guard for the parser
+    # An untagged block is not run, so only diagrams and listings may be untagged.
+    assert {page.name for page, lang in blocks if not lang} <= {"architecture.md", "README.md"}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("page", [p for p in PAGES if code_blocks(p)], ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize("page", [p for p in PAGES if any(lang in RUNNABLE for lang, _ in code_blocks(p))],
+                         ids=lambda p: str(p.relative_to(ROOT)))
 def test_code_blocks_run(page, workdir, fake_hub):
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "0"}
     namespace: dict = {"__name__": "__docs__"}
@@ -126,7 +130,7 @@ def test_code_blocks_run(page, workdir, fake_hub):
         if language == "python":
             exec(compile(code, f"{page.name}:block", "exec"), namespace)
             ran += 1
-        elif language in ("bash", "sh", "shell"):
+        elif language in RUNNABLE:
             for command in shell_lines(code):
                 if command.startswith(SETUP_COMMANDS):
                     continue
