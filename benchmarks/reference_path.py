@@ -46,7 +46,8 @@ def reference_optimise_targets(access: ModelAccess, prepared, layer: int, settin
         handle.remove()
         h_init = captured["h"]
         delta = torch.zeros_like(h_init, requires_grad=True)
-        optimiser = torch.optim.Adam([delta], lr=settings.lr)
+        lr = settings.lr * float(h_init.abs().median()) if settings.lr_relative else settings.lr
+        optimiser = torch.optim.Adam([delta], lr=lr)
 
         def add_delta(module, args, output):
             out = output[0] if isinstance(output, (tuple, list)) else output

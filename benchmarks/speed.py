@@ -140,32 +140,42 @@ def reference_part(model_dir, corpus, cases, requests) -> dict:
     return result
 
 
-def methods_part(model_dir, corpus, requests, methods, peak: float) -> dict:
-    """Each method on the full batch, each from a freshly loaded model, after one untimed warm-up edit."""
+def methods_part(model_dir, corpus, requests, methods, peak: float, rounds: int = 1) -> tuple[dict, float | None]:
+    """Each method on the full batch, each from a freshly loaded model, after one untimed warm-up edit; and ENCORE's
+    time per edit over MEMIT's. With ``rounds`` > 1 the methods run in alternating order (A B C, C B A, …) and each
+    figure is the mean of its runs, so a drift in the machine's speed cancels out of the ratios."""
     timed_edit(model_dir, methods[0], corpus, requests[:2])
     result: dict = {}
-    for method in methods:
-        model, tok, report = timed_edit(model_dir, method, corpus, requests)
-        entry = {"seconds_per_edit": report.seconds["total"] / len(requests), "profile_seconds": report.seconds,
-                 "z_steps": sum(q.steps for q in report.requests),
-                 "mpes_stopped": sum(q.mpes_stopped for q in report.requests)}
-        if method == "encore":
-            flops = z_flops(model, report, model.peft_config["default"], requests, tok)
-            entry["z_gflops"] = flops / 1e9
-            entry["z_gflops_per_second"] = flops / 1e9 / report.seconds["targets"]
-            entry["z_utilisation_of_matmul_peak"] = entry["z_gflops_per_second"] / peak
-        result[method] = entry
-        print(f"{method:>10}: {entry['seconds_per_edit']:.2f} s/edit at batch {len(requests)}, "
-              f"{entry['z_steps']} z-steps; profile "
-              f"{', '.join(f'{k} {v:.1f}' for k, v in report.seconds.items())}", flush=True)
+    for round_ in range(rounds):
+        for method in methods if round_ % 2 == 0 else methods[::-1]:
+            model, tok, report = timed_edit(model_dir, method, corpus, requests)
+            seconds = report.seconds["total"] / len(requests)
+            print(f"{method:>10}: {seconds:.2f} s/edit at batch {len(requests)}, "
+                  f"{sum(q.steps for q in report.requests)} z-steps; profile "
+                  f"{', '.join(f'{k} {v:.1f}' for k, v in report.seconds.items())}", flush=True)
+            if method in result:
+                result[method]["runs_seconds_per_edit"].append(seconds)
+                continue
+            entry = {"runs_seconds_per_edit": [seconds], "profile_seconds": report.seconds,
+                     "z_steps": sum(q.steps for q in report.requests),
+                     "mpes_stopped": sum(q.mpes_stopped for q in report.requests)}
+            if method == "encore":
+                flops = z_flops(model, report, model.peft_config["default"], requests, tok)
+                entry["z_gflops"] = flops / 1e9
+                entry["z_gflops_per_second"] = flops / 1e9 / report.seconds["targets"]
+                entry["z_utilisation_of_matmul_peak"] = entry["z_gflops_per_second"] / peak
+            result[method] = entry
+    for entry in result.values():
+        entry["seconds_per_edit"] = sum(entry["runs_seconds_per_edit"]) / len(entry["runs_seconds_per_edit"])
+    ratio = None
     if "encore" in result and "memit" in result:
-        result["encore_over_memit"] = result["encore"]["seconds_per_edit"] / result["memit"]["seconds_per_edit"]
-        print(f"ENCORE / MEMIT time per edit: {result['encore_over_memit']:.2f}")
+        ratio = result["encore"]["seconds_per_edit"] / result["memit"]["seconds_per_edit"]
+        print(f"ENCORE / MEMIT time per edit: {ratio:.2f} (mean of {rounds} run(s) each)")
     if "encore" in result:
         e = result["encore"]
         print(f"z-optimisation: {e['z_gflops']:.0f} GFLOP at {e['z_gflops_per_second']:.1f} GFLOP/s = "
               f"{100 * e['z_utilisation_of_matmul_peak']:.0f} % of the matmul peak")
-    return result
+    return result, ratio
 
 
 PARTS = ("statistics", "reference", "methods")
@@ -178,6 +188,8 @@ def main() -> None:
     parser.add_argument("--reference-edits", type=int, default=None)
     parser.add_argument("--methods", nargs="+", default=["encore", "memit", "alphaedit"])
     parser.add_argument("--stats-tokens", type=int, default=4096)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="times each method is timed, in alternating order (2: A B C C B A)")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                         help="sections to run; the others are kept from an existing --out file")
     parser.add_argument("--out", default=None)
@@ -212,8 +224,8 @@ def main() -> None:
             results["reference_edits"] = n_ref
             results["reference_comparison"] = reference_part(model_dir, corpus, cases[:n_ref], requests[:n_ref])
         if "methods" in args.parts:
-            results["methods"] = methods_part(model_dir, corpus, requests, args.methods, peak)
-            results["encore_over_memit"] = results["methods"].pop("encore_over_memit", None)
+            results["methods"], results["encore_over_memit"] = methods_part(model_dir, corpus, requests, args.methods,
+                                                                            peak, args.rounds)
         del os.environ["HF_ENCORE_CACHE"]
 
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -69,12 +69,12 @@ def _corpus(args) -> str | Path | None:
     return default if default.is_file() else None
 
 
-def _load(args, *, adapter: str | None = None, for_editing: bool = False):
-    """(model, tokenizer): the base model, with the adapter attached if one is given."""
+def _load(args, *, adapter: str | None = None, corpus: str | Path | None = None):
+    """(model, tokenizer): the base model, with the adapter attached if one is given (``corpus``: its statistics
+    text, needed only to edit further)."""
     from . import from_pretrained
     from .models import load_model
 
-    corpus = _corpus(args) if for_editing else None
     if adapter is not None and args.model is None:
         model = from_pretrained(None, adapter, corpus=corpus, ignore_base_mismatch=args.ignore_base_mismatch)
         return model, model.base_model.tokenizer
@@ -116,18 +116,19 @@ def cmd_edit(args) -> int:
     out = Path(args.out or args.adapter)
     # An adapter already at --out is continued, never overwritten by a new one.
     adapter = args.adapter or (str(out) if (out / "adapter_config.json").is_file() else None)
+    corpus = _corpus(args)
     if adapter:
         if args.layers:
             raise UsageError(f"--layers only applies to a new adapter; {adapter} edits {_layers_of(adapter)}")
         if not args.quiet:
             print(f"continuing the adapter in {adapter}", file=sys.stderr)
-        model, tokenizer = _load(args, adapter=adapter, for_editing=True)
+        model, tokenizer = _load(args, adapter=adapter, corpus=corpus)
     else:
         config = EncoreConfig(method=overrides.pop("method", "encore"), layers=args.layers)
         config = config.with_overrides(**overrides)
         overrides = {}
-        base, tokenizer = _load(args, for_editing=True)
-        model = get_encore_model(base, config, tokenizer=tokenizer, corpus=_corpus(args))
+        base, tokenizer = _load(args)
+        model = get_encore_model(base, config, tokenizer=tokenizer, corpus=corpus)
     rows = []
     total = len(requests)
     for start in range(0, total, args.batch_size):

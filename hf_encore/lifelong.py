@@ -127,7 +127,7 @@ def run(settings: LifelongSettings, progress: bool = True) -> Path:
     """Run (or continue) the benchmark; returns the output directory."""
     from . import from_pretrained, get_encore_model
     from .data import load_counterfact
-    from .evaluation import counterfact_scores, known_facts
+    from .evaluation import counterfact_scores, known_facts, weight_norms
     from .models import load_model
 
     out = Path(settings.out)
@@ -184,8 +184,15 @@ def run(settings: LifelongSettings, progress: bool = True) -> Path:
         while True:
             if is_eval_point(done, settings):
                 if not any(r["kind"] == "eval" and r["num_edits"] == done for r in log):
-                    record = evaluate_point(model, tokenizer, edited=edited_sample(done), probe=probe, texts=texts,
-                                            downstream_dir=downstream_dir, ev=ev, adapter=True)
+                    if done == 0:
+                        # An adapter without edits is the base model: its figures are the unedited ones.
+                        start = time.perf_counter()
+                        record = {**{k: v for k, v in json.loads(unedited_file.read_text()).items()
+                                     if k != "num_edits"}, "norms": {str(k): v for k, v in weight_norms(model).items()}}
+                        record["eval_seconds"] = time.perf_counter() - start
+                    else:
+                        record = evaluate_point(model, tokenizer, edited=edited_sample(done), probe=probe,
+                                                texts=texts, downstream_dir=downstream_dir, ev=ev, adapter=True)
                     record = {"kind": "eval", "method": method, "num_edits": done,
                               "elapsed_seconds": time.perf_counter() - started, **record}
                     _append(log_path, record)

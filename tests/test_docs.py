@@ -37,6 +37,8 @@ SMALL = [
     (r"(hf-encore bench|-m hf_encore\.lifelong)( .*)",
      r"\1\2 --tasks sst2 --downstream-items 4 --perplexity-tokens 400 --known-facts 4 --edited-sample 4"),
     (r"(speed\.py.*)", r"\1 --stats-tokens 512 --methods encore memit"),
+    (r"--requests \d+", "--requests 2"),
+    (r"(sweep\.py.*)", r"\1 --known-facts 4"),
     (r"python benchmarks/", f"python {ROOT}/benchmarks/"),
     (r"\.venv/bin/", f"{BIN}/"),
 ]

@@ -15,7 +15,7 @@ from hf_encore.evaluation import (
     TASKS, counterfact_scores, generation_entropy, known_facts, ngram_entropy, parse_answer, perplexity,
     retained_knowledge, score_continuations, weighted_f1, zsre_scores,
 )
-from hf_encore.evaluation.downstream import few_shot_prompts
+from hf_encore.evaluation.downstream import few_shot_prompts, load_task
 
 WORDS = ["<bos>", "<pad>", "the", "capital", "of", "france", "is", "paris", "rome", "new", "york", "city", "a", "b"]
 ID = {w: i for i, w in enumerate(WORDS)}
@@ -139,6 +139,26 @@ def test_few_shot_prompts_use_the_pool_and_test_after_it():
     mmlu = [{"question": f"q{i}", "choices": ["w", "x", "y", "z"], "answer": i % 4} for i in range(12)]
     prompts, gold = few_shot_prompts(TASKS["mmlu"], mmlu, n_shots=1, n_test=5)
     assert gold == [2, 3] and prompts[0].startswith("Question: q0\nA. w\nB. x\nC. y\nD. z\nAnswer: A\n\n")
+
+
+def test_greedy_answers_with_a_shared_prefix_match_generate(smollm2, tokenizer, shared_data):
+    """The shared-prefix cache and the padding between prefix and item change nothing: same answers and first-step
+    logits as transformers' own generate on each whole prompt."""
+    from hf_encore.evaluation.downstream import common_prefix_length, greedy_answers
+
+    assert common_prefix_length([[1, 2, 3], [1, 2, 4, 5], [1, 2]]) == 2
+    task = TASKS["mmlu"]
+    prompts, _ = few_shot_prompts(task, load_task("mmlu", shared_data / "downstream"), n_shots=2, n_test=5)
+    candidates = [tokenizer(" " + w, add_special_tokens=False)["input_ids"][0] for w in task.label_words]
+    texts, logits = greedy_answers(smollm2, tokenizer, prompts, candidates, max_new_tokens=4, batch_size=3)
+    assert logits.shape == (5, 4)
+    for i, prompt in enumerate(prompts):
+        batch = tokenizer(prompt, return_tensors="pt")
+        out = smollm2.generate(**batch, do_sample=False, max_new_tokens=4, output_logits=True,
+                               return_dict_in_generate=True, pad_token_id=tokenizer.eos_token_id)
+        expected = tokenizer.decode(out.sequences[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert texts[i] == expected
+        torch.testing.assert_close(logits[i], out.logits[0][0, candidates].float(), rtol=1e-4, atol=1e-3)
 
 
 def test_downstream_and_norms_on_a_real_model(smollm2, tokenizer, shared_data, corpus_path, tmp_path, monkeypatch):

@@ -39,6 +39,9 @@ def test_tiny_run_resumes_and_writes_logs_plots_and_summary(smollm2_dir, shared_
     assert last["perplexity"] > 1 and last["retained_knowledge"] is not None
     unedited = json.loads((out / "unedited.json").read_text())
     assert unedited["num_edits"] == 0 and "mean_f1" in unedited["downstream"]
+    first = records[0]  # no edits yet: the unedited figures, not a second evaluation of the same model
+    assert first["perplexity"] == unedited["perplexity"] and first["downstream"] == unedited["downstream"]
+    assert all(v["norm_ratio"] == 1.0 and v["delta_norm"] == 0.0 for v in first["norms"].values())
     summary = (out / "summary.md").read_text()
     assert "| unedited | 0 |" in summary and "| encore | 20 |" in summary
     for png in ("downstream.png", "perplexity.png", "retained.png", "norms.png", "edit_metrics.png"):

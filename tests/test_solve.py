@@ -7,6 +7,7 @@ import torch
 
 from hf_encore.editing.solve import (
     absolute_regularisers, layer_residual, nullspace_projector, pre_norm_residual, solve_update)
+from hf_encore.config import V_LR, EncoreConfig
 from hf_encore.editing.targets import RowAdam
 from hf_encore.editing.tracing import chunk_by_tokens, pad_right
 
@@ -116,6 +117,30 @@ def test_row_adam_matches_torch_adam_and_leaves_other_rows():
         torch_adam.step()
         assert torch.equal(param[0], before[0]) and torch.equal(param[2], before[2])
     torch.testing.assert_close(param[1], reference.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_row_adam_takes_a_learning_rate_per_row():
+    g = torch.Generator().manual_seed(2)
+    param = torch.randn(3, 5, generator=g)
+    rates = [0.05, 0.5, 5.0]
+    references = [param[i].clone().requires_grad_(True) for i in range(3)]
+    optimisers = [torch.optim.Adam([r], lr=lr) for r, lr in zip(references, rates)]
+    mine = RowAdam(3, 5, lr=torch.tensor(rates))
+    for _ in range(3):
+        grad = torch.randn(3, 5, generator=g)
+        mine.step(param, grad, torch.arange(3))
+        for i, (reference, optimiser) in enumerate(zip(references, optimisers)):
+            reference.grad = grad[i].clone()
+            optimiser.step()
+    for i in range(3):
+        torch.testing.assert_close(param[i], references[i].detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_relative_step_size_follows_the_scale():
+    assert EncoreConfig().v_lr == V_LR["relative"]
+    assert EncoreConfig(regularizer_scale="absolute").v_lr == V_LR["absolute"] == 0.5
+    assert EncoreConfig(v_lr=0.3).with_overrides(regularizer_scale="absolute").v_lr == 0.5
+    assert EncoreConfig().with_overrides(v_lr=0.3).v_lr == 0.3
 
 
 def test_padding_and_chunking():

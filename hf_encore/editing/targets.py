@@ -27,6 +27,7 @@ LOSS_THRESHOLD = 5e-2
 @dataclass(frozen=True)
 class TargetSettings:
     lr: float
+    lr_relative: bool  # lr in units of each request's typical hidden-state coordinate, median_i |h_r,i| (else as written)
     num_steps: int
     clamp_norm_factor: float
     weight_decay: float
@@ -48,10 +49,12 @@ class TargetResult:
 
 
 class RowAdam:
-    """Adam on the rows of a [n, d] tensor, each row with its own step count (torch's defaults otherwise)."""
+    """Adam on the rows of a [n, d] tensor, each row with its own step count and learning rate (a float: the same
+    for every row, or [n]); torch's defaults otherwise."""
 
-    def __init__(self, n: int, d: int, lr: float, betas=(0.9, 0.999), eps: float = 1e-8) -> None:
-        self.lr, self.beta1, self.beta2, self.eps = lr, betas[0], betas[1], eps
+    def __init__(self, n: int, d: int, lr: float | torch.Tensor, betas=(0.9, 0.999), eps: float = 1e-8) -> None:
+        self.lr = torch.as_tensor(lr, dtype=torch.float64).expand(n)
+        self.beta1, self.beta2, self.eps = betas[0], betas[1], eps
         self.m = torch.zeros(n, d)
         self.v = torch.zeros(n, d)
         self.t = torch.zeros(n, dtype=torch.float64)  # bias corrections 1 − β^t lose digits in float32
@@ -66,7 +69,7 @@ class RowAdam:
         t = self.t[rows].unsqueeze(1)
         # The same arithmetic as torch.optim.Adam, so results match it to rounding.
         denom = self.v[rows].sqrt() / (1 - self.beta2**t).sqrt().float() + self.eps
-        param[rows] -= (self.lr / (1 - self.beta1**t)).float() * self.m[rows] / denom
+        param[rows] -= (self.lr[rows].unsqueeze(1) / (1 - self.beta1**t)).float() * self.m[rows] / denom
 
 
 @dataclass
@@ -111,10 +114,10 @@ def build_layout(prepared: list[PreparedRequest], check_raw_prompt: bool) -> _La
                    torch.tensor(tok_checked), as_long([len(r.target_ids) for r in prepared]), n_prompts + 1)
 
 
-def _pad_suffixes(prefix: PrefixStates, seqs: list[int]) -> torch.Tensor:
-    """Block L's output from each sequence's split position on, right-padded: [B, T, d]."""
-    pieces = [prefix.block_output[s][int(prefix.split[s]):] for s in seqs]
-    out = torch.zeros(len(seqs), max(p.shape[0] for p in pieces), pieces[0].shape[1])
+def _pad_suffixes(prefix: PrefixStates) -> torch.Tensor:
+    """Block L's output from each sequence's split position on, right-padded: [S, T, d]."""
+    pieces = [out[int(split):] for out, split in zip(prefix.block_output, prefix.split)]
+    out = torch.zeros(len(pieces), max(p.shape[0] for p in pieces), pieces[0].shape[1])
     for row, piece in enumerate(pieces):
         out[row, : piece.shape[0]] = piece
     return out
@@ -134,13 +137,17 @@ def optimise_targets(
     per = lay.per_request
     prefix = access.prefix_states(lay.ids, lay.lookup.tolist(), layer, pad_id, settings.max_tokens_per_forward)
     suffix_ids = [seq[int(prefix.split[s]):] for s, seq in enumerate(lay.ids)]
-    suffix_hidden = _pad_suffixes(prefix, list(range(len(lay.ids))))  # [S, T, d], sliced per chunk below
+    suffix_hidden = _pad_suffixes(prefix)  # [S, T, d], sliced per chunk below
     tok_suffix_pos = lay.tok_pos - prefix.split[lay.tok_seq]  # [M] target positions within the suffixes
     d = prefix.block_output[0].shape[1]
     h_init = torch.stack([prefix.block_output[s][lay.lookup[s]] for s in lay.raw_seq.tolist()])  # [n, d]
     h_norm = h_init.norm(dim=1)  # [n]
     delta = torch.zeros(n, d, requires_grad=True)
-    adam = RowAdam(n, d, settings.lr)
+    # Adam moves every coordinate by about lr per step, so the step must scale with the coordinates it changes. The
+    # median is the scale: a few channels carry massive activations (Gemma-3: max |h_i| ≈ 3000, median ≈ 10), and
+    # an RMS-relative step, dominated by them, is far too large for the rest (sweep in docs/results.md).
+    typical = h_init.abs().median(dim=1).values.double()  # [n]
+    adam = RowAdam(n, d, settings.lr * typical if settings.lr_relative else settings.lr)
     log_p0 = [None] * n  # KL reference distributions, recorded at iteration 0
     mpes_count = torch.zeros(n, dtype=torch.long)
     steps = [0] * n

@@ -69,6 +69,13 @@ class PrefixStates:
     width: int
 
 
+def cache_kwarg(model: nn.Module) -> str:
+    """The name a model's forward takes its cache under: transformers 5 renames ``past_key_values`` to ``cache``
+    (the old name goes in 5.40). Wrappers (PEFT) are looked through to the model they wrap."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+
+
 class ModelAccess:
     """The pieces of a causal LM that editing reads and steers."""
 
@@ -79,9 +86,7 @@ class ModelAccess:
         self.decoder = lm.base_model
         self.unembedding = lm.get_output_embeddings()
         self.softcap = getattr(lm.config, "final_logit_softcapping", None)
-        # transformers 5 renames ``past_key_values`` to ``cache`` (the old name goes in 5.40).
-        self.cache_kwarg = "cache" if "cache" in inspect.signature(self.decoder.forward).parameters \
-            else "past_key_values"
+        self.cache_kwarg = cache_kwarg(self.decoder)
 
     @property
     def device(self) -> torch.device:

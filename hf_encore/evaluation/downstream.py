@@ -9,6 +9,7 @@ A task is a row in :data:`TASKS`: its file, prompt template and label words.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -104,31 +105,89 @@ def parse_answer(text: str, label_words: Sequence[str]) -> int:
     return -1
 
 
+def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
+    """Number of leading tokens every sequence shares."""
+    first, n = seqs[0], min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != first[i] for s in seqs):
+            return i
+    return n
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
+    return ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+
+
 @torch.no_grad()
+def greedy_answers(model, tokenizer, prompts: Sequence[str], candidates: Sequence[int], *, max_new_tokens: int = 3,
+                   batch_size: int = 16, progress: bool = False, desc: str = "answers") -> tuple[list[str], torch.Tensor]:
+    """Greedy continuations of ``prompts`` (as text, special tokens dropped, nothing after an end-of-sequence
+    token) and the first step's logits of the ``candidates`` token ids [n, len(candidates)].
+
+    Few-shot prompts share their shots: that common token prefix runs once and its cache is reused by every
+    batch, so each item costs only its own tokens. Within a batch the items are left-padded against the prefix
+    (padding sits between prefix and item, masked; positions skip it).
+    """
+    from ..editing.tracing import cache_kwarg
+
+    ids = [list(tokenizer(p)["input_ids"]) for p in prompts]
+    shared = min(common_prefix_length(ids), min(len(s) for s in ids) - 1)  # every item keeps ≥ 1 token of its own
+    device = next(model.parameters()).device
+    kwarg = cache_kwarg(model)
+    pad, eos = pad_token_id(tokenizer), _eos_ids(model, tokenizer)
+    prefix_cache = None
+    if shared:
+        out = model(input_ids=torch.tensor([ids[0][:shared]], device=device), use_cache=True)
+        prefix_cache = getattr(out, kwarg)
+    texts: list[str] = []
+    first_logits = []
+    for start in tqdm(range(0, len(ids), batch_size), desc=desc, disable=not progress, leave=False):
+        rows = [s[shared:] for s in ids[start: start + batch_size]]
+        width = max(len(r) for r in rows)
+        item = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+        item_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        mask = torch.cat([torch.ones(len(rows), shared, dtype=torch.long, device=device), item_mask], 1)
+        positions = (shared + item_mask.cumsum(1) - 1).clamp_min(shared)
+        cache = None
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(len(rows))
+        generated = []
+        finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
+        step_ids = item
+        for step in range(max_new_tokens):
+            out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                        **({kwarg: cache} if cache is not None else {}))
+            cache = getattr(out, kwarg)
+            logits = out.logits[:, -1].float()
+            if step == 0:
+                first_logits.append(logits[:, list(candidates)].cpu())
+            token = torch.where(finished, torch.full_like(finished, pad, dtype=torch.long), logits.argmax(-1))
+            generated.append(token)
+            finished |= torch.isin(token, torch.tensor(sorted(eos), device=device, dtype=torch.long))
+            step_ids = token.unsqueeze(1)
+            mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.long, device=device)], 1)
+            positions = positions[:, -1:] + 1
+        texts += tokenizer.batch_decode(torch.stack(generated, 1), skip_special_tokens=True)
+    return texts, torch.cat(first_logits)
+
+
 def evaluate_task(model, tokenizer, task: Task, items: Sequence[dict[str, Any]], *, n_shots: int = 4,
-                  n_test: int = 100, max_new_tokens: int = 3, batch_size: int = 8,
+                  n_test: int = 100, max_new_tokens: int = 3, batch_size: int = 16,
                   progress: bool = False) -> dict[str, Any]:
     """Greedy-answer weighted F1 (``f1``) and label-likelihood weighted F1 (``f1_likelihood``) on one task."""
     prompts, gold = few_shot_prompts(task, items, n_shots, n_test)
-    device = next(model.parameters()).device
     first_ids = [tokenizer(" " + w, add_special_tokens=False)["input_ids"] for w in task.label_words]
     single_token = all(len(ids) == 1 for ids in first_ids) and len({ids[0] for ids in first_ids}) == len(first_ids)
-    greedy, likely = [], []
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        for start in tqdm(range(0, len(prompts), batch_size), desc=task.name, disable=not progress, leave=False):
-            batch = tokenizer(prompts[start: start + batch_size], return_tensors="pt", padding=True).to(device)
-            out = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens, output_logits=True,
-                                 return_dict_in_generate=True, pad_token_id=pad_token_id(tokenizer))
-            texts = tokenizer.batch_decode(out.sequences[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-            greedy += [parse_answer(t, task.label_words) for t in texts]
-            if single_token:
-                choice = out.logits[0][:, [ids[0] for ids in first_ids]].argmax(-1)
-                likely += choice.tolist()
-    finally:
-        tokenizer.padding_side = padding_side
-    if not single_token:
+    texts, label_logits = greedy_answers(model, tokenizer, prompts, [ids[0] for ids in first_ids],
+                                         max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
+                                         desc=task.name)
+    greedy = [parse_answer(t, task.label_words) for t in texts]
+    if single_token:
+        likely = label_logits.argmax(-1).tolist()
+    else:
         nll = torch.stack([score_continuations(model, tokenizer, prompts, [w] * len(prompts)).mean_nll
                            for w in task.label_words], 1)  # [n, labels]
         likely = nll.argmin(1).tolist()
