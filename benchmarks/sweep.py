@@ -118,7 +118,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     done = [json.loads(line) for line in out.read_text().splitlines() if line.strip()] if out.is_file() else []
     header = {"model": args.model, "requests": args.requests, "batch_size": args.batch_size, "seed": args.seed,
-              "threads": torch.get_num_threads()}
+              "threads": torch.get_num_threads(), "known_facts": len(probe)}
     if not any(r["method"] is None and r["model"] == args.model and r["requests"] == args.requests for r in done):
         scores = counterfact_scores(base, tokenizer, facts)  # where the edited facts start from
         record = {**header, "settings": {}, "method": None, **{k: scores[k] for k in ("ES", "PS", "NS", "S")}}

@@ -39,6 +39,7 @@ SMALL = [
     (r"(speed\.py.*)", r"\1 --stats-tokens 512 --methods encore memit"),
     (r"--requests \d+", "--requests 2"),
     (r"(sweep\.py.*)", r"\1 --known-facts 4"),
+    (r"(--vary \S+ \S+)(?: (?!--)\S+)+", r"\1"),  # one value per varied setting
     (r"python benchmarks/", f"python {ROOT}/benchmarks/"),
     (r"\.venv/bin/", f"{BIN}/"),
 ]

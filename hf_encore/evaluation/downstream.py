@@ -128,7 +128,8 @@ def greedy_answers(model, tokenizer, prompts: Sequence[str], candidates: Sequenc
 
     Few-shot prompts share their shots: that common token prefix runs once and its cache is reused by every
     batch, so each item costs only its own tokens. Within a batch the items are left-padded against the prefix
-    (padding sits between prefix and item, masked; positions skip it).
+    (padding sits between prefix and item, masked; positions skip it). A sliding-window attention layer counts
+    its window in cache slots, padding included, so on models with one a batch holds only items of one length.
     """
     from ..editing.tracing import cache_kwarg
 
@@ -141,10 +142,18 @@ def greedy_answers(model, tokenizer, prompts: Sequence[str], candidates: Sequenc
     if shared:
         out = model(input_ids=torch.tensor([ids[0][:shared]], device=device), use_cache=True)
         prefix_cache = getattr(out, kwarg)
-    texts: list[str] = []
-    first_logits = []
-    for start in tqdm(range(0, len(ids), batch_size), desc=desc, disable=not progress, leave=False):
-        rows = [s[shared:] for s in ids[start: start + batch_size]]
+    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    if getattr(config, "sliding_window", None):
+        by_length: dict[int, list[int]] = {}
+        for i, s in enumerate(ids):
+            by_length.setdefault(len(s), []).append(i)
+        batches = [group[j: j + batch_size] for group in by_length.values() for j in range(0, len(group), batch_size)]
+    else:
+        batches = [list(range(j, min(j + batch_size, len(ids)))) for j in range(0, len(ids), batch_size)]
+    texts: list[str] = [""] * len(ids)
+    first_logits = torch.empty(len(ids), len(candidates))
+    for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        rows = [ids[i][shared:] for i in batch]
         width = max(len(r) for r in rows)
         item = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
         item_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
@@ -163,15 +172,16 @@ def greedy_answers(model, tokenizer, prompts: Sequence[str], candidates: Sequenc
             cache = getattr(out, kwarg)
             logits = out.logits[:, -1].float()
             if step == 0:
-                first_logits.append(logits[:, list(candidates)].cpu())
+                first_logits[batch] = logits[:, list(candidates)].cpu()
             token = torch.where(finished, torch.full_like(finished, pad, dtype=torch.long), logits.argmax(-1))
             generated.append(token)
             finished |= torch.isin(token, torch.tensor(sorted(eos), device=device, dtype=torch.long))
             step_ids = token.unsqueeze(1)
             mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.long, device=device)], 1)
             positions = positions[:, -1:] + 1
-        texts += tokenizer.batch_decode(torch.stack(generated, 1), skip_special_tokens=True)
-    return texts, torch.cat(first_logits)
+        for i, text in zip(batch, tokenizer.batch_decode(torch.stack(generated, 1), skip_special_tokens=True)):
+            texts[i] = text
+    return texts, first_logits
 
 
 def evaluate_task(model, tokenizer, task: Task, items: Sequence[dict[str, Any]], *, n_shots: int = 4,
