@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 import hf_encore.model as encore_model
-from hf_encore.editing.targets import LOSS_THRESHOLD, TargetResult, TargetSettings
+from hf_encore.editing.targets import LOSS_THRESHOLD, TargetResult, TargetSettings, step_sizes
 from hf_encore.editing.tracing import ModelAccess, pad_right
 
 
@@ -46,8 +46,7 @@ def reference_optimise_targets(access: ModelAccess, prepared, layer: int, settin
         handle.remove()
         h_init = captured["h"]
         delta = torch.zeros_like(h_init, requires_grad=True)
-        lr = settings.lr * float(h_init.abs().median()) if settings.lr_relative else settings.lr
-        optimiser = torch.optim.Adam([delta], lr=lr)
+        optimiser = torch.optim.Adam([delta], lr=float(step_sizes(settings, h_init.unsqueeze(0))[0]))
 
         def add_delta(module, args, output):
             out = output[0] if isinstance(output, (tuple, list)) else output

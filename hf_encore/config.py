@@ -18,8 +18,9 @@ across models: the absolute λ_p is ``preservation_weight · d_k`` and the absol
 ``norm_weight · tr(C₀)``, so that for a typical key k of the statistics corpus kᵀ(λ_p C₀)⁻¹k ≈ 1/preservation_weight
 and kᵀ(λ_n I)⁻¹k ≈ 1/norm_weight whatever the model's key magnitudes; the null-space threshold is relative to the
 mean eigenvalue tr(C₀)/d_k, and the z-optimisation's step size ``v_lr`` is in units of each request's typical
-hidden-state coordinate, median_i |h_i| at the critical layer. With ``regularizer_scale="absolute"`` the numbers are used as written, which is how
-the papers' settings (λ_p = 15,000, λ_n = 20, α = 10, threshold 2e-2, lr 0.5 on Llama3-8B) are reproduced exactly.
+hidden-state coordinate, median_i |h_i| at the critical layer. With ``regularizer_scale="absolute"`` the numbers
+are used as written, which is how the papers' settings (λ_p = 15,000, λ_n = 20, α = 10, threshold 2e-2, lr 0.5
+on Llama3-8B) are reproduced exactly.
 """
 
 from __future__ import annotations

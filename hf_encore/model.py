@@ -340,7 +340,8 @@ class EncoreModel(BaseTuner):
         tick = time.perf_counter()
         critical = config.layers[-1]
         settings = TargetSettings(
-            lr=config.v_lr, lr_relative=config.regularizer_scale == "relative", num_steps=config.v_num_grad_steps, clamp_norm_factor=config.clamp_norm_factor,
+            lr=config.v_lr, lr_relative=config.regularizer_scale == "relative", num_steps=config.v_num_grad_steps,
+            clamp_norm_factor=config.clamp_norm_factor,
             weight_decay=config.v_weight_decay, kl_factor=config.kl_factor, mpes=config.mpes,
             mpes_extra_steps=config.mpes_extra_steps, mpes_check_raw_prompt=config.mpes_check_raw_prompt,
             max_tokens_per_forward=budget)

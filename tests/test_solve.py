@@ -8,7 +8,7 @@ import torch
 from hf_encore.editing.solve import (
     absolute_regularisers, layer_residual, nullspace_projector, pre_norm_residual, solve_update)
 from hf_encore.config import V_LR, EncoreConfig
-from hf_encore.editing.targets import RowAdam
+from hf_encore.editing.targets import RowAdam, TargetSettings, step_sizes
 from hf_encore.editing.tracing import chunk_by_tokens, pad_right
 
 D_K, D_V, N, N_PREV = 12, 7, 4, 6
@@ -141,6 +141,13 @@ def test_relative_step_size_follows_the_scale():
     assert EncoreConfig(regularizer_scale="absolute").v_lr == V_LR["absolute"] == 0.5
     assert EncoreConfig(v_lr=0.3).with_overrides(regularizer_scale="absolute").v_lr == 0.5
     assert EncoreConfig().with_overrides(v_lr=0.3).v_lr == 0.3
+
+
+def test_step_sizes_scale_with_the_median_coordinate():
+    settings = lambda relative: TargetSettings(0.3, relative, 25, 0.75, 0.5, 0.0625, True, 2, False, 4096)  # noqa: E731
+    h = torch.tensor([[1.0, -2.0, 3000.0], [10.0, 20.0, -30.0]])  # one massive channel in the first row
+    torch.testing.assert_close(step_sizes(settings(True), h), torch.tensor([0.6, 6.0], dtype=torch.float64))
+    torch.testing.assert_close(step_sizes(settings(False), h), torch.tensor([0.3, 0.3], dtype=torch.float64))
 
 
 def test_padding_and_chunking():

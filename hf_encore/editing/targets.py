@@ -27,7 +27,7 @@ LOSS_THRESHOLD = 5e-2
 @dataclass(frozen=True)
 class TargetSettings:
     lr: float
-    lr_relative: bool  # lr in units of each request's typical hidden-state coordinate, median_i |h_r,i| (else as written)
+    lr_relative: bool  # lr in units of each request's median_i |h_r,i| (else as written): see step_sizes
     num_steps: int
     clamp_norm_factor: float
     weight_decay: float
@@ -70,6 +70,18 @@ class RowAdam:
         # The same arithmetic as torch.optim.Adam, so results match it to rounding.
         denom = self.v[rows].sqrt() / (1 - self.beta2**t).sqrt().float() + self.eps
         param[rows] -= (self.lr[rows].unsqueeze(1) / (1 - self.beta1**t)).float() * self.m[rows] / denom
+
+
+def step_sizes(settings: TargetSettings, h_init: torch.Tensor) -> torch.Tensor:
+    """Each request's Adam learning rate, from its hidden state h_init [n, d] at the critical layer. → [n] float64.
+
+    Adam moves every coordinate by about lr per step, so a relative step scales with the coordinates it changes. The
+    median is the scale: a few channels carry massive activations (Gemma-3: max |h_i| ≈ 3000, median ≈ 10), and an
+    RMS-relative step, dominated by them, is far too large for the rest (sweep in docs/results.md).
+    """
+    if not settings.lr_relative:
+        return torch.full((h_init.shape[0],), settings.lr, dtype=torch.float64)
+    return settings.lr * h_init.abs().median(dim=1).values.double()
 
 
 @dataclass
@@ -143,11 +155,7 @@ def optimise_targets(
     h_init = torch.stack([prefix.block_output[s][lay.lookup[s]] for s in lay.raw_seq.tolist()])  # [n, d]
     h_norm = h_init.norm(dim=1)  # [n]
     delta = torch.zeros(n, d, requires_grad=True)
-    # Adam moves every coordinate by about lr per step, so the step must scale with the coordinates it changes. The
-    # median is the scale: a few channels carry massive activations (Gemma-3: max |h_i| ≈ 3000, median ≈ 10), and
-    # an RMS-relative step, dominated by them, is far too large for the rest (sweep in docs/results.md).
-    typical = h_init.abs().median(dim=1).values.double()  # [n]
-    adam = RowAdam(n, d, settings.lr * typical if settings.lr_relative else settings.lr)
+    adam = RowAdam(n, d, step_sizes(settings, h_init))
     log_p0 = [None] * n  # KL reference distributions, recorded at iteration 0
     mpes_count = torch.zeros(n, dtype=torch.long)
     steps = [0] * n

@@ -137,7 +137,8 @@ def greedy_answers(model, tokenizer, prompts: Sequence[str], candidates: Sequenc
     shared = min(common_prefix_length(ids), min(len(s) for s in ids) - 1)  # every item keeps ≥ 1 token of its own
     device = next(model.parameters()).device
     kwarg = cache_kwarg(model)
-    pad, eos = pad_token_id(tokenizer), _eos_ids(model, tokenizer)
+    pad = pad_token_id(tokenizer)
+    eos = torch.tensor(sorted(_eos_ids(model, tokenizer)), device=device, dtype=torch.long)
     prefix_cache = None
     if shared:
         out = model(input_ids=torch.tensor([ids[0][:shared]], device=device), use_cache=True)
@@ -175,7 +176,7 @@ def greedy_answers(model, tokenizer, prompts: Sequence[str], candidates: Sequenc
                 first_logits[batch] = logits[:, list(candidates)].cpu()
             token = torch.where(finished, torch.full_like(finished, pad, dtype=torch.long), logits.argmax(-1))
             generated.append(token)
-            finished |= torch.isin(token, torch.tensor(sorted(eos), device=device, dtype=torch.long))
+            finished |= torch.isin(token, eos)
             step_ids = token.unsqueeze(1)
             mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.long, device=device)], 1)
             positions = positions[:, -1:] + 1
