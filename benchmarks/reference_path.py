@@ -31,14 +31,15 @@ def reference_optimise_targets(access: ModelAccess, prepared, layer: int, settin
     block = access.blocks[layer]
     for req in tqdm(prepared, desc="reference z-optimisation", disable=not progress, leave=False):
         ids = [p.ids + req.target_ids[:-1] for p in req.prompts] + [req.kl_prompt.ids]
-        lookup = torch.tensor([p.subject_last for p in req.prompts] + [req.kl_prompt.subject_last])
+        lookup = torch.tensor([p.subject_last for p in req.prompts] + [req.kl_prompt.subject_last],
+                              device=access.device)
         batch_ids, mask = pad_right(ids, pad_id)
-        rows = torch.arange(len(ids))
+        rows = torch.arange(len(ids), device=access.device)
         captured = {}
 
         def capture(module, args, output):
             out = output[0] if isinstance(output, (tuple, list)) else output
-            captured["h"] = out[0, lookup[0]].detach().float().cpu()
+            captured["h"] = out[0, lookup[0]].detach().float()
 
         handle = block.register_forward_hook(capture)
         with torch.no_grad():
@@ -59,11 +60,11 @@ def reference_optimise_targets(access: ModelAccess, prepared, layer: int, settin
         count, n_steps, by_mpes, log_p0, loss_value = 0, 0, False, None, float("nan")
         try:
             for it in range(settings.num_steps):
-                log_probs = _full_logits(access, batch_ids, mask).log_softmax(-1).cpu()  # [rows, T, V]
+                log_probs = _full_logits(access, batch_ids, mask).log_softmax(-1)  # [rows, T, V]
                 nll, ok = 0.0, True
                 for t, prompt in enumerate(req.prompts):
                     start = len(prompt.ids) - 1
-                    target = torch.tensor(req.target_ids)
+                    target = torch.tensor(req.target_ids, device=log_probs.device)
                     lp = log_probs[t, start: start + len(target)]
                     nll = nll - lp.gather(1, target.unsqueeze(1)).sum() / len(target)
                     checked = t > 0 or settings.mpes_check_raw_prompt or n_prompts == 1
@@ -94,8 +95,8 @@ def reference_optimise_targets(access: ModelAccess, prepared, layer: int, settin
                 n_steps += 1
         finally:
             handle.remove()
-        zs.append(h_init + delta.detach())
-        h_inits.append(h_init)
+        zs.append((h_init + delta.detach()).cpu())
+        h_inits.append(h_init.cpu())
         steps.append(n_steps)
         stopped.append(by_mpes)
         final_loss.append(loss_value)
@@ -115,8 +116,8 @@ def reference_keys_and_outputs(access: ModelAccess, inputs, key_layer: int,
     keys, raw_keys, outs = [], [], []
     for req in prepared:
         batch_ids, mask = pad_right([p.ids for p in req.prompts], pad_id)
-        lookup = torch.tensor([p.subject_last for p in req.prompts])
-        rows = torch.arange(len(req.prompts))
+        lookup = torch.tensor([p.subject_last for p in req.prompts], device=access.device)
+        rows = torch.arange(len(req.prompts), device=access.device)
         got = {}
         handles = [
             access.w_out(key_layer).register_forward_pre_hook(

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from reference_path import reference_second_moments, use_reference_path  # noqa: E402
 
 from hf_encore import EncoreConfig, get_encore_model, load_model  # noqa: E402
+from hf_encore.cli import parse_settings  # noqa: E402
 from hf_encore.data import data_dir, load_counterfact  # noqa: E402
 from hf_encore.editing.requests import parse_requests, prepare_requests  # noqa: E402
 from hf_encore.editing.stats import packed_chunks, read_corpus, second_moments  # noqa: E402
@@ -38,12 +39,27 @@ from hf_encore.layer import Linear  # noqa: E402
 from hf_encore.models import ensure_builtin  # noqa: E402
 
 
+DEVICE: str | None = None  # set from --device in main(): where every model of this run is loaded
+SETTINGS: dict = {}  # set from --set in main(): EncoreConfig settings for every run
+
+
+def synchronize() -> None:
+    """Wait for queued GPU work, so that wall-clock readings cover it."""
+    if DEVICE and torch.device(DEVICE).type == "cuda":
+        torch.cuda.synchronize()
+
+
 def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    """Measured fp32 matmul throughput on the benchmark's device (TF32 stays off, as in editing)."""
+    if DEVICE and torch.device(DEVICE).type == "cuda":
+        n, repeats = 8192, 20
+    a, b = torch.randn(n, n, device=DEVICE), torch.randn(n, n, device=DEVICE)
     a @ b
+    synchronize()
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
+    synchronize()
     return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
@@ -81,8 +97,8 @@ def z_flops(model, report, config, requests, tokenizer) -> float:
 
 
 def timed_edit(model_dir, method, corpus, requests, reference=False):
-    base, tok = load_model(str(model_dir))
-    model = get_encore_model(base, EncoreConfig(method=method), tokenizer=tok, corpus=corpus)
+    base, tok = load_model(str(model_dir), device=DEVICE)
+    model = get_encore_model(base, EncoreConfig(method=method, **SETTINGS), tokenizer=tok, corpus=corpus)
     model.base_model.compute_statistics(progress=False)  # cached before timing: statistics are measured apart
     if reference:
         with use_reference_path():
@@ -94,16 +110,18 @@ def timed_edit(model_dir, method, corpus, requests, reference=False):
 
 def statistics_part(model_dir, corpus, stats_tokens: int) -> dict:
     """One early-stopping pass for all layers against one full pass per layer, on the same chunks."""
-    base, tok = load_model(str(model_dir))
-    config = EncoreConfig()
+    base, tok = load_model(str(model_dir), device=DEVICE)
+    config = EncoreConfig(**SETTINGS)
     model = get_encore_model(base, config, tokenizer=tok)
     access = ModelAccess(model.base_model.model, model.base_model._layout(config))
     chunks = packed_chunks(tok, read_corpus(corpus).texts, stats_tokens, config.stats_seq_len)
     stats = {}
     for name, function in (("optimised", second_moments), ("reference", reference_second_moments)):
+        synchronize()
         start = time.perf_counter()
         moments, count = function(access, chunks, config.layers, tok.pad_token_id, config.max_tokens_per_forward,
                                   False)
+        synchronize()
         seconds = time.perf_counter() - start
         stats[name] = {"seconds": seconds, "tokens": count, "layers": len(config.layers),
                        "tokens_per_second": count / seconds, "moments": moments}
@@ -192,8 +210,14 @@ def main() -> None:
                         help="times each method is timed, in alternating order (2: A B C C B A)")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                         help="sections to run; the others are kept from an existing --out file")
+    parser.add_argument("--device", default=None, help="e.g. cuda (default: the CPU)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an EncoreConfig setting for every run (e.g. max_tokens_per_forward=32768 on a GPU)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    global DEVICE, SETTINGS
+    DEVICE, SETTINGS = args.device, parse_settings(args.set)
+    EncoreConfig(**SETTINGS)  # a bad setting fails before anything runs
     out = Path(args.out or f"docs/results/speed-{args.model}.json")
     torch.manual_seed(0)
 
@@ -205,6 +229,8 @@ def main() -> None:
     results = json.loads(out.read_text()) if out.is_file() and set(args.parts) != set(PARTS) else {}
     machine = (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                f"{torch.get_num_threads()} threads")
+    if DEVICE and torch.device(DEVICE).type == "cuda":
+        machine += f", {torch.cuda.get_device_name()}" 
     peak = matmul_peak_gflops()
     print(f"machine: {machine}; fp32 matmul peak {peak:.1f} GFLOP/s", flush=True)
     results.update({"model": args.model, "edits": args.edits, "machine": machine})

@@ -24,24 +24,18 @@ from typing import Any
 import torch
 
 from hf_encore import EncoreConfig, get_encore_model, load_model
+from hf_encore.cli import parse_settings, parse_value
 from hf_encore.data import data_dir, load_counterfact
 from hf_encore.evaluation import counterfact_scores, known_facts, retained_knowledge, weight_norms
 
 PROBE_POOL = 2000  # retained-knowledge facts come from the first cases of the file, edits from the rest
 
 
-def _value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def configurations(fixed: dict[str, Any], vary: list[list[str]]) -> list[dict[str, Any]]:
     """The defaults (with ``fixed``), then one configuration per varied value."""
     configs = [dict(fixed)]
     for key, *values in vary:
-        configs += [{**fixed, key: _value(v)} for v in values]
+        configs += [{**fixed, key: parse_value(v)} for v in values]
     unique: list[dict[str, Any]] = []
     for c in configs:
         if c not in unique:
@@ -101,7 +95,7 @@ def main() -> None:
     args = parser.parse_args()
     if any(len(v) < 2 for v in args.vary):
         parser.error("--vary takes a setting and at least one value")
-    fixed = {k: _value(v) for k, _, v in (item.partition("=") for item in args.set)}
+    fixed = parse_settings(args.set)
     configs = configurations(fixed, args.vary)
     for c in configs:
         EncoreConfig(method=args.method, **c)  # a bad setting fails before anything runs

@@ -30,18 +30,23 @@ class UsageError(ValueError):
     """A problem with what the user asked for, reported as one line."""
 
 
+def parse_value(text: str) -> Any:
+    """A setting's value from the command line: JSON (``0.1``, ``false``, ``[4, 8]``), else the string itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
 def parse_settings(items: Sequence[str]) -> dict[str, Any]:
-    """``["norm_weight=0.1", "mpes=false"]`` → ``{"norm_weight": 0.1, "mpes": False}`` (values read as JSON, else
-    kept as strings)."""
+    """``["norm_weight=0.1", "mpes=false"]`` → ``{"norm_weight": 0.1, "mpes": False}`` (the ``--set`` options of
+    every command, benchmark and sweep)."""
     settings = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UsageError(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            settings[key] = json.loads(value)
-        except json.JSONDecodeError:
-            settings[key] = value
+        settings[key] = parse_value(value)
     return settings
 
 
@@ -77,8 +82,10 @@ def _load(args, *, adapter: str | None = None, corpus: str | Path | None = None)
 
     if adapter is not None and args.model is None:
         model = from_pretrained(None, adapter, corpus=corpus, ignore_base_mismatch=args.ignore_base_mismatch)
+        if args.device:
+            model.to(args.device)
         return model, model.base_model.tokenizer
-    base, tokenizer = load_model(args.model or "smollm2-135m", gguf_file=args.gguf_file)
+    base, tokenizer = load_model(args.model or "smollm2-135m", gguf_file=args.gguf_file, device=args.device)
     if adapter is None:
         return base, tokenizer
     model = from_pretrained(base, adapter, tokenizer=tokenizer, corpus=corpus,
@@ -91,6 +98,7 @@ def _add_model_args(parser: argparse.ArgumentParser, adapter_flag: bool = True) 
                         help="built-in name (smollm2-135m, gemma-3-270m, qwen2.5-0.5b), a directory, a .gguf file or "
                              "a Hub id; default: the adapter's recorded base, else smollm2-135m")
     parser.add_argument("--gguf-file", default=None, help="GGUF file inside --model (a directory or Hub id)")
+    parser.add_argument("--device", default=None, help="where to run, e.g. cuda (default: the CPU)")
     if adapter_flag:
         parser.add_argument("--adapter", default=None, help="adapter directory or Hub id")
     parser.add_argument("--ignore-base-mismatch", action="store_true",

@@ -55,6 +55,7 @@ class LifelongSettings:
     eval_every: int = 250
     seed: int = 0
     out: str = "runs/lifelong"
+    device: str | None = None  # e.g. "cuda"; default: where transformers loads the model (the CPU)
     config: dict[str, Any] = field(default_factory=dict)  # EncoreConfig settings for every method
     evaluation: EvalSettings = field(default_factory=EvalSettings)
 
@@ -142,7 +143,7 @@ def run(settings: LifelongSettings, progress: bool = True) -> Path:
     texts = [t for t in ppl_path.read_text(encoding="utf-8").splitlines() if t.strip() and not t.strip().startswith("=")]
     ev = settings.evaluation
 
-    base, tokenizer = load_model(settings.model)
+    base, tokenizer = load_model(settings.model, device=settings.device)
     probe_file = out / "probe_facts.json"
     if probe_file.is_file():
         probe = json.loads(probe_file.read_text())
@@ -162,7 +163,7 @@ def run(settings: LifelongSettings, progress: bool = True) -> Path:
         method_dir.mkdir(exist_ok=True)
         log_path = method_dir / "log.jsonl"
         adapter_dir = method_dir / "adapter"
-        base, tokenizer = load_model(settings.model)
+        base, tokenizer = load_model(settings.model, device=settings.device)
         if (adapter_dir / "encore_state.json").is_file():
             model = from_pretrained(base, adapter_dir, tokenizer=tokenizer, corpus=corpus)
             done = model.base_model.edit_states["default"].num_edits
@@ -263,21 +264,31 @@ def plot(out: Path, unedited: dict, logs: dict[str, list[dict]]) -> None:
     except ImportError:
         logger.warning("matplotlib is not installed: no plots (pip install 'hf_encore[bench]')")
         return
+    def max_norm_ratio(r):
+        # Every batch record carries the norms, so the curve has one point per batch, not per evaluation.
+        if r["kind"] == "batch":
+            return max((layer["weight_norm_ratio"] for layer in r.get("layers") or []), default=None)
+        return 1.0 if r["kind"] == "eval" and r["num_edits"] == 0 else None
+
+    # (file, title, value of a log record, records read, unedited level drawn, log scale)
     panels = [
-        ("downstream.png", "mean downstream F1", lambda r: (r.get("downstream") or {}).get("mean_f1"), True),
-        ("perplexity.png", "perplexity (held-out WikiText-2)", lambda r: r.get("perplexity"), True),
-        ("retained.png", "retained knowledge", lambda r: r.get("retained_knowledge"), True),
-        ("norms.png", "max ‖W‖/‖W₀‖ over edited layers",
-         lambda r: max((n["norm_ratio"] for n in (r.get("norms") or {}).values()), default=None), False),
+        ("downstream.png", "mean downstream F1", lambda r: (r.get("downstream") or {}).get("mean_f1"), "eval",
+         True, False),
+        ("perplexity.png", "perplexity (held-out WikiText-2)", lambda r: r.get("perplexity"), "eval", True, True),
+        ("retained.png", "retained knowledge", lambda r: r.get("retained_knowledge"), "eval", True, False),
+        ("norms.png", "max ‖W‖/‖W₀‖ over edited layers", max_norm_ratio, "all", False, True),
     ]
-    for filename, title, value, has_baseline in panels:
+    for filename, title, value, kinds, has_baseline, log_scale in panels:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for method, log in logs.items():
-            points = [(r["num_edits"], value(r)) for r in log if r["kind"] == "eval" and value(r) is not None]
+            points = [(r["num_edits"], value(r)) for r in log
+                      if (kinds == "all" or r["kind"] == kinds) and value(r) is not None]
             if points:
-                ax.plot(*zip(*points), marker="o", label=method)
+                ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, label=method)
         if has_baseline and value(unedited) is not None:
             ax.axhline(value(unedited), color="grey", linestyle="--", label="unedited")
+        if log_scale:
+            ax.set_yscale("log")
         ax.set_xlabel("number of edits")
         ax.set_title(title)
         ax.legend()
@@ -313,6 +324,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[LifelongSettings, boo
     parser.add_argument("--eval-every", type=int, default=d.eval_every)
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--out", default=d.out)
+    parser.add_argument("--device", default=d.device, help="e.g. cuda (default: the CPU)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="an EncoreConfig setting for every method, as JSON (e.g. --set norm_weight=0.1)")
     parser.add_argument("--tasks", nargs="*", default=list(e.downstream_tasks))
@@ -322,19 +334,18 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[LifelongSettings, boo
     parser.add_argument("--edited-sample", type=int, default=e.edited_sample)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    config = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        try:
-            config[key] = json.loads(value)
-        except json.JSONDecodeError:
-            config[key] = value
+    from .cli import UsageError, parse_settings
+
+    try:
+        config = parse_settings(args.set)
+    except UsageError as err:
+        parser.error(str(err))
     if args.eval_every < 1 or args.batch_size < 1 or args.edits < 1:
         parser.error("--edits, --batch-size and --eval-every must be positive")
     settings = LifelongSettings(
         model=args.model, methods=tuple(args.methods), data=args.data, probe_data=args.probe_data,
         corpus=args.corpus, edits=args.edits, batch_size=args.batch_size, eval_every=args.eval_every,
-        seed=args.seed, out=args.out, config=config,
+        seed=args.seed, out=args.out, device=args.device, config=config,
         evaluation=EvalSettings(tuple(args.tasks), args.downstream_items, e.downstream_shots, args.perplexity_tokens,
                                 args.known_facts, args.edited_sample))
     for method in settings.methods:

@@ -59,3 +59,7 @@ def test_arguments_are_checked_before_anything_runs():
     assert settings.methods == ("alphaedit+mpes",) and settings.config == {"norm_weight": 0.2}
     config = method_config("alphaedit+mpes", settings.config)
     assert config.mpes and config.nullspace_projection and config.norm_weight == 0.2
+    with pytest.raises(SystemExit):
+        parse_args(["--set", "norm_weight"])  # not KEY=VALUE
+    settings, _ = parse_args(["--device", "cpu", "--set", "max_tokens_per_forward=32768", "--set", "layers=[4, 5]"])
+    assert settings.device == "cpu" and settings.config == {"max_tokens_per_forward": 32768, "layers": [4, 5]}

@@ -79,7 +79,7 @@ def keys_and_outputs(
         with access.replay_from(inputs.start - 1, inputs.hidden[c]) if inputs.hidden is not None \
                 else contextlib.nullcontext():
             got = access.trace(ids, mask, block_outputs=block_outputs, mlp_inputs=[key_layer])
-        rows, pos = torch.arange(len(chunk)), inputs.subject_last[chunk]
+        rows, pos = torch.arange(len(chunk), device=access.device), inputs.subject_last[chunk].to(access.device)
         keys[chunk] = got[("key", key_layer)][rows, pos].double().cpu()
         if inputs.raw[c]:
             outs[chunk] = got[("block", output_layer)][rows, pos].double().cpu()

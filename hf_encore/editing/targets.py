@@ -52,12 +52,13 @@ class RowAdam:
     """Adam on the rows of a [n, d] tensor, each row with its own step count and learning rate (a float: the same
     for every row, or [n]); torch's defaults otherwise."""
 
-    def __init__(self, n: int, d: int, lr: float | torch.Tensor, betas=(0.9, 0.999), eps: float = 1e-8) -> None:
-        self.lr = torch.as_tensor(lr, dtype=torch.float64).expand(n)
+    def __init__(self, n: int, d: int, lr: float | torch.Tensor, betas=(0.9, 0.999), eps: float = 1e-8,
+                 device: torch.device | str | None = None) -> None:
+        self.lr = torch.as_tensor(lr, dtype=torch.float64, device=device).expand(n)
         self.beta1, self.beta2, self.eps = betas[0], betas[1], eps
-        self.m = torch.zeros(n, d)
-        self.v = torch.zeros(n, d)
-        self.t = torch.zeros(n, dtype=torch.float64)  # bias corrections 1 − β^t lose digits in float32
+        self.m = torch.zeros(n, d, device=device)
+        self.v = torch.zeros(n, d, device=device)
+        self.t = torch.zeros(n, dtype=torch.float64, device=device)  # 1 − β^t loses digits in float32
 
     @torch.no_grad()
     def step(self, param: torch.Tensor, grad: torch.Tensor, rows: torch.Tensor) -> None:
@@ -80,7 +81,7 @@ def step_sizes(settings: TargetSettings, h_init: torch.Tensor) -> torch.Tensor:
     RMS-relative step, dominated by them, is far too large for the rest (sweep in docs/results.md).
     """
     if not settings.lr_relative:
-        return torch.full((h_init.shape[0],), settings.lr, dtype=torch.float64)
+        return torch.full((h_init.shape[0],), settings.lr, dtype=torch.float64, device=h_init.device)
     return settings.lr * h_init.abs().median(dim=1).values.double()
 
 
@@ -127,9 +128,9 @@ def build_layout(prepared: list[PreparedRequest], check_raw_prompt: bool) -> _La
 
 
 def _pad_suffixes(prefix: PrefixStates) -> torch.Tensor:
-    """Block L's output from each sequence's split position on, right-padded: [S, T, d]."""
+    """Block L's output from each sequence's split position on, right-padded: [S, T, d], on their device."""
     pieces = [out[int(split):] for out, split in zip(prefix.block_output, prefix.split)]
-    out = torch.zeros(len(pieces), max(p.shape[0] for p in pieces), pieces[0].shape[1])
+    out = torch.zeros(len(pieces), max(p.shape[0] for p in pieces), pieces[0].shape[1], device=pieces[0].device)
     for row, piece in enumerate(pieces):
         out[row, : piece.shape[0]] = piece
     return out
@@ -145,26 +146,29 @@ def optimise_targets(
 ) -> TargetResult:
     """Find z_r = h_r + δ_r at block ``layer``'s output for every request (ALGORITHM.md §2–3)."""
     n = len(prepared)
-    lay = build_layout(prepared, settings.mpes_check_raw_prompt)
+    device = access.device
+    lay = build_layout(prepared, settings.mpes_check_raw_prompt)  # index bookkeeping stays on the CPU
     per = lay.per_request
     prefix = access.prefix_states(lay.ids, lay.lookup.tolist(), layer, pad_id, settings.max_tokens_per_forward)
     suffix_ids = [seq[int(prefix.split[s]):] for s, seq in enumerate(lay.ids)]
-    suffix_hidden = _pad_suffixes(prefix)  # [S, T, d], sliced per chunk below
-    tok_suffix_pos = lay.tok_pos - prefix.split[lay.tok_seq]  # [M] target positions within the suffixes
+    suffix_hidden = _pad_suffixes(prefix)  # [S, T, d] on the model's device, sliced per chunk below
+    tok_suffix_pos = (lay.tok_pos - prefix.split[lay.tok_seq]).to(device)  # [M] target positions in the suffixes
+    tok_label, tok_checked = lay.tok_label.to(device), lay.tok_checked.to(device)  # [M]
+    target_len = lay.target_len.to(device)  # [n]
     d = prefix.block_output[0].shape[1]
     h_init = torch.stack([prefix.block_output[s][lay.lookup[s]] for s in lay.raw_seq.tolist()])  # [n, d]
     h_norm = h_init.norm(dim=1)  # [n]
-    delta = torch.zeros(n, d, requires_grad=True)
-    adam = RowAdam(n, d, step_sizes(settings, h_init))
+    delta = torch.zeros(n, d, device=device, requires_grad=True)
+    adam = RowAdam(n, d, step_sizes(settings, h_init), device=device)
     log_p0 = [None] * n  # KL reference distributions, recorded at iteration 0
-    mpes_count = torch.zeros(n, dtype=torch.long)
+    mpes_count = [0] * n
     steps = [0] * n
     stopped_by_mpes = [False] * n
     p_before = [0.0] * n
     final_loss = [float("nan")] * n
     active = list(range(n))
     request_tokens = [sum(len(suffix_ids[r * per + j]) for j in range(per)) for r in range(n)]
-    device = access.device
+    n_rewrite = per - 1
 
     bar = tqdm(total=settings.num_steps, desc="z-optimisation", disable=not progress, leave=False)
     for it in range(settings.num_steps):
@@ -180,45 +184,49 @@ def optimise_targets(
             batch_ids, mask = pad_right([suffix_ids[s] for s in seqs], pad_id)
             local_req = torch.arange(len(reqs)).repeat_interleave(per)  # [rows]
             reqs_t = torch.tensor(reqs)
+            reqs_d = reqs_t.to(device)
             # δ_r is added at the subject's last token of every prompt of request r: the first suffix position.
-            hidden = suffix_hidden[torch.tensor(seqs), : batch_ids.shape[1]].index_put(
-                (torch.arange(len(seqs)), torch.zeros(len(seqs), dtype=torch.long)), delta[reqs_t[local_req]],
-                accumulate=True)
+            rows_d = torch.arange(len(seqs), device=device)
+            hidden = suffix_hidden[torch.tensor(seqs, device=device), : batch_ids.shape[1]].index_put(
+                (rows_d, torch.zeros_like(rows_d)), delta[reqs_d[local_req.to(device)]], accumulate=True)
             final = access.replay_suffix(layer, prefix, seqs, hidden, batch_ids, mask)  # [rows, T, d]
 
-            tok = (row_of_seq[lay.tok_seq] >= 0).nonzero().squeeze(1)
+            tok = (row_of_seq[lay.tok_seq] >= 0).nonzero().squeeze(1)  # [m] target tokens of this chunk
             tok_rows = row_of_seq[lay.tok_seq[tok]]
-            logits = access.logits(final[tok_rows.to(device), tok_suffix_pos[tok].to(device)]).cpu()  # [m, V]
-            log_probs = logits.log_softmax(-1)
-            labels = lay.tok_label[tok]
-            tok_logp = log_probs.gather(1, labels.unsqueeze(1)).squeeze(1)  # [m]
             tok_req = local_req[tok_rows]  # [m] local request index
-            tok_len = lay.target_len[reqs_t[tok_req]].float()
-            n_rewrite = per - 1
-            nll = torch.zeros(len(reqs)).index_add(0, tok_req, -tok_logp / tok_len) / n_rewrite  # [r]
-            argmax_ok = (logits.argmax(-1) == labels) | ~lay.tok_checked[tok]
-            all_ok = torch.ones(len(reqs)).scatter_reduce(0, tok_req, argmax_ok.float(), "amin").bool()
+            tok_d, tok_req_d = tok.to(device), tok_req.to(device)
+            logits = access.logits(final[tok_rows.to(device), tok_suffix_pos[tok_d]])  # [m, V]
+            log_probs = logits.log_softmax(-1)
+            labels = tok_label[tok_d]
+            tok_logp = log_probs.gather(1, labels.unsqueeze(1)).squeeze(1)  # [m]
+            tok_len = target_len[reqs_d[tok_req_d]].float()
+            nll = torch.zeros(len(reqs), device=device).index_add(0, tok_req_d, -tok_logp / tok_len) / n_rewrite
+            argmax_ok = (logits.argmax(-1) == labels) | ~tok_checked[tok_d]
+            all_ok = torch.ones(len(reqs), device=device).scatter_reduce(0, tok_req_d, argmax_ok.float(), "amin")
 
             kl_rows = row_of_seq[lay.kl_seq[reqs_t]]
-            kl_logq = access.logits(final[kl_rows.to(device), 0]).cpu().log_softmax(-1)  # [r, V]: at the lookup
+            kl_logq = access.logits(final[kl_rows.to(device), 0]).log_softmax(-1)  # [r, V]: at the lookup
             if it == 0:
-                raw_tok = lay.tok_seq[tok] == lay.raw_seq[reqs_t[tok_req]]
-                raw_logp = torch.zeros(len(reqs)).index_add(0, tok_req[raw_tok], tok_logp[raw_tok].detach())
+                raw_tok = (lay.tok_seq[tok] == lay.raw_seq[reqs_t[tok_req]]).to(device)
+                raw_p = torch.zeros(len(reqs), device=device).index_add(
+                    0, tok_req_d[raw_tok], tok_logp[raw_tok].detach()).exp().tolist()
                 for i, r in enumerate(reqs):
                     log_p0[r] = kl_logq[i].detach()
-                    p_before[r] = float(raw_logp[i].exp())
+                    p_before[r] = raw_p[i]
             log_p0_chunk = torch.stack([log_p0[r] for r in reqs])
             kl = settings.kl_factor * (kl_logq.exp() * (kl_logq - log_p0_chunk)).sum(-1)  # KL(p_δ ‖ p_0)
-            wd = settings.weight_decay * delta[reqs_t].norm(dim=1) / h_norm[reqs_t] ** 2
+            wd = settings.weight_decay * delta[reqs_d].norm(dim=1) / h_norm[reqs_d] ** 2
             loss = nll + kl + wd  # [r]
-            if not torch.isfinite(loss).all():
-                bad = [reqs[i] for i in (~torch.isfinite(loss)).nonzero().squeeze(1).tolist()]
+            # One device-to-host copy per chunk: the stopping decisions are made here, per request.
+            loss_values, ok_values = loss.detach().cpu(), all_ok.bool().cpu()
+            if not torch.isfinite(loss_values).all():
+                bad = [reqs[i] for i in (~torch.isfinite(loss_values)).nonzero().squeeze(1).tolist()]
                 raise FloatingPointError(f"non-finite z-optimisation loss for request(s) {bad} at step {it}")
 
             keep = torch.zeros(len(reqs), dtype=torch.bool)
             for i, r in enumerate(reqs):
-                final_loss[r] = float(loss[i].detach())
-                if settings.mpes and bool(all_ok[i]):
+                final_loss[r] = float(loss_values[i])
+                if settings.mpes and bool(ok_values[i]):
                     mpes_count[r] += 1
                     if mpes_count[r] == settings.mpes_extra_steps + 1:
                         stopped_by_mpes[r] = True
@@ -227,11 +235,11 @@ def optimise_targets(
                     continue
                 keep[i] = True
             if keep.any():
-                loss[keep].sum().backward()
+                loss[keep.to(device)].sum().backward()
             continuing += [r for i, r in enumerate(reqs) if keep[i]]
 
         if continuing:
-            rows = torch.tensor(continuing)
+            rows = torch.tensor(continuing, device=device)
             with torch.no_grad():
                 adam.step(delta, delta.grad, rows)
                 limit = settings.clamp_norm_factor * h_norm[rows]
@@ -244,8 +252,8 @@ def optimise_targets(
         bar.update(1)
         bar.set_postfix(active=len(active))
     bar.close()
-    z = (h_init + delta.detach()).clone()
-    return TargetResult(z, h_init, steps, stopped_by_mpes, p_before, final_loss)
+    z = (h_init + delta.detach()).cpu()
+    return TargetResult(z, h_init.cpu(), steps, stopped_by_mpes, p_before, final_loss)
 
 
 @torch.no_grad()
@@ -259,7 +267,7 @@ def target_probabilities(access: ModelAccess, prepared: list[PreparedRequest], p
         final = access.final_hidden(batch_ids, mask)
         for row, i in enumerate(chunk):
             start = len(prepared[i].prompts[0].ids) - 1
-            targets = torch.tensor(prepared[i].target_ids)
-            logp = access.logits(final[row, start: start + len(targets)]).cpu().log_softmax(-1)
-            out[i] = logp.gather(1, targets.unsqueeze(1)).sum().exp()
+            targets = torch.tensor(prepared[i].target_ids, device=final.device)
+            logp = access.logits(final[row, start: start + len(targets)]).log_softmax(-1)
+            out[i] = float(logp.gather(1, targets.unsqueeze(1)).sum().exp())
     return out

@@ -62,7 +62,7 @@ class PrefixStates:
     is one gather per layer, left-padded as attention with a cache expects.
     """
 
-    block_output: list[torch.Tensor]  # per sequence [len_s, d]
+    block_output: list[torch.Tensor]  # per sequence [len_s, d], on the model's device
     split: torch.Tensor  # [S] number of positions before the one that δ changes
     keys: dict[int, torch.Tensor]  # per layer above L: [S, kv_heads, width, head_dim]
     values: dict[int, torch.Tensor]
@@ -199,7 +199,7 @@ class ModelAccess:
             batch_ids, mask = pad_right([ids[i] for i in chunk], pad_id)
             hidden = self.trace(batch_ids, mask, block_outputs=[layer])[("block", layer)]
             for row, i in enumerate(chunk):
-                block_output[i] = hidden[row, : len(ids[i])].float().cpu()
+                block_output[i] = hidden[row, : len(ids[i])].float()
             n_of_row = split_t[chunk]  # [B]
             n_max = int(n_of_row.max())
             if not upper or n_max == 0:
@@ -215,6 +215,7 @@ class ModelAccess:
                 n_of_row)
             seq_of = torch.tensor(chunk)[row_of]
             dest = width - n_of_row[row_of] + t_of
+            row_of, t_of, seq_of, dest = (t.to(self.device) for t in (row_of, t_of, seq_of, dest))
             for l in upper:
                 k, v = cache.layers[l].keys, cache.layers[l].values  # [B, kv_heads, n_max, head_dim]
                 if l not in keys:
