@@ -134,6 +134,48 @@ def test_shared_key_pass_matches_whole_prompt_passes(smollm2, tokenizer, cases):
         keys_and_outputs(access, inputs, 3, 8)
 
 
+def assert_shared_prefixes_change_nothing(model, ids, split, layer, groups, max_tokens):
+    """prefix_states with ``groups`` (their common tokens run once) equals one pass per sequence."""
+    from hf_encore.architectures import resolve_layout
+    from hf_encore.editing.tracing import ModelAccess
+
+    access = ModelAccess(model, resolve_layout(model))
+    separate = access.prefix_states(ids, split, layer, 0, max_tokens)
+    shared = access.prefix_states(ids, split, layer, 0, max_tokens, shared_groups=groups)
+    assert shared.width == separate.width and torch.equal(shared.split, separate.split)
+    for a, b in zip(shared.block_output, separate.block_output):
+        assert a.shape == b.shape and (a - b).abs().max() <= 1e-4 * b.abs().max()
+    assert shared.keys.keys() == separate.keys.keys()
+    for l in separate.keys:
+        for got, expected in ((shared.keys[l], separate.keys[l]), (shared.values[l], separate.values[l])):
+            assert (got - expected).abs().max() <= 1e-4 * expected.abs().max(), l
+
+
+def test_shared_prefixes_give_the_same_prefix_states(smollm2, tokenizer):
+    """Context-templated prompts start alike: their common tokens run once per template, and every block output
+    and stored key/value is the one a separate pass gives (several chunks; a group whose common tokens reach past
+    a split is cut at it; a sequence in two groups stays in the first)."""
+    texts = ["The weather was fine that day. The Eiffel Tower is located in",
+             "The weather was fine that day. LeBron James plays the sport of",
+             "The weather was fine that day. Paris is",
+             "Paris is the capital of", "Paris is the capital of", "Paris is"]
+    ids = [tokenizer(t)["input_ids"] for t in texts]
+    split = [len(tokenizer("The weather was fine that day. The Eiffel")["input_ids"]) - 1,
+             len(tokenizer("The weather was fine that day. LeBron James")["input_ids"]) - 1,
+             len(tokenizer("The weather was fine that day. Paris")["input_ids"]) - 1, 3, 1, 0]
+    assert_shared_prefixes_change_nothing(smollm2, ids, split, 8, [[0, 1, 2], [3, 4, 2], [5]], max_tokens=40)
+
+
+def test_shared_prefixes_on_sliding_window_layers():
+    from test_post_norm import tiny_gemma3
+
+    model = tiny_gemma3(100)
+    ids = [[2, 7, 8, 9, 10, 11, 40, 41, 42], [2, 7, 8, 9, 10, 11, 50, 51], [2, 7, 8, 9, 12, 60, 61, 62, 63],
+           [2, 30, 31, 32]]
+    split = [7, 6, 5, 1]
+    assert_shared_prefixes_change_nothing(model, ids, split, 1, [[0, 1, 2], [3]], max_tokens=20)
+
+
 def test_replay_from_prefix_states_matches_a_full_forward(smollm2, tokenizer):
     """The z-optimisation's shortcut (block-L outputs and earlier keys/values computed once, then only the suffix
     through the blocks above L) gives the final hidden states of a full forward with δ added at the split."""

@@ -113,6 +113,21 @@ def test_perplexity_matches_the_bigram_table(bos_tokenizer):
     assert ppl == pytest.approx(math.exp(nll), rel=1e-5)
 
 
+def test_perplexity_passes_are_bounded_by_the_vocabulary(bos_tokenizer, monkeypatch):
+    """On a large vocabulary every position's logits take memory: fewer tokens go in one pass, same result."""
+    from hf_encore.evaluation import degradation
+
+    model = bigram(MODEL)
+    texts = ["a b a b " * 20]
+    expected = perplexity(model, bos_tokenizer, texts, n_tokens=200, seq_len=8)
+    seen = []
+    forward = model.forward
+    model.forward = lambda input_ids, **kw: (seen.append(input_ids.numel()), forward(input_ids, **kw))[1]
+    monkeypatch.setattr(degradation, "LOGITS_PER_PASS", 16 * len(bos_tokenizer))  # logits of 16 tokens
+    assert perplexity(model, bos_tokenizer, texts, n_tokens=200, seq_len=8) == pytest.approx(expected, rel=1e-6)
+    assert len(seen) > 1 and max(seen) <= 16
+
+
 def test_ngram_entropy_and_fluency():
     assert ngram_entropy("a b a b".split(), 2) == pytest.approx(-(2 / 3) * math.log2(2 / 3) - (1 / 3) * math.log2(1 / 3))
     assert ngram_entropy("a a a a".split(), 3) == 0.0

@@ -149,7 +149,10 @@ def optimise_targets(
     device = access.device
     lay = build_layout(prepared, settings.mpes_check_raw_prompt)  # index bookkeeping stays on the CPU
     per = lay.per_request
-    prefix = access.prefix_states(lay.ids, lay.lookup.tolist(), layer, pad_id, settings.max_tokens_per_forward)
+    # Each context template's prompts start with the template's tokens: those run once per template.
+    templated = [[r * per + j for r in range(n)] for j in range(1, per - 1)]
+    prefix = access.prefix_states(lay.ids, lay.lookup.tolist(), layer, pad_id, settings.max_tokens_per_forward,
+                                  shared_groups=templated)
     suffix_ids = [seq[int(prefix.split[s]):] for s, seq in enumerate(lay.ids)]
     suffix_hidden = _pad_suffixes(prefix)  # [S, T, d] on the model's device, sliced per chunk below
     tok_suffix_pos = (lay.tok_pos - prefix.split[lay.tok_seq]).to(device)  # [M] target positions in the suffixes

@@ -38,6 +38,15 @@ def pad_right(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Te
     return ids, mask
 
 
+def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
+    """Number of leading tokens every sequence shares."""
+    first, n = seqs[0], min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != first[i] for s in seqs):
+            return i
+    return n
+
+
 def chunk_by_tokens(lengths: Sequence[int], budget: int) -> list[list[int]]:
     """Split indices 0..n-1, in order, into chunks whose padded size (count × longest) stays within ``budget``."""
     chunks, current, longest = [], [], 0
@@ -125,9 +134,12 @@ class ModelAccess:
         *,
         block_outputs: Sequence[int] = (),
         mlp_inputs: Sequence[int] = (),
+        past=None,
     ) -> dict[tuple[str, int], torch.Tensor]:
         """Run the model just far enough to capture the outputs of some blocks and the inputs of some W_out.
 
+        ``past``: a cache holding the first P positions of every row (see :meth:`expanded_cache`); ``input_ids``
+        [B, T] then continue them and ``attention_mask`` is [B, P + T].
         Returns ``{("block", l): [B, T, d_v], ("key", l): [B, T, d_k]}``.
         """
         captured: dict[tuple[str, int], torch.Tensor] = {}
@@ -148,7 +160,7 @@ class ModelAccess:
                     lambda m, args, layer=layer: store(("key", layer), args[0])))
             with contextlib.suppress(_StopForward):
                 self.decoder(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-                             use_cache=False)
+                             **self._continuation(past, input_ids.shape[1]))
         finally:
             for h in handles:
                 h.remove()
@@ -175,14 +187,51 @@ class ModelAccess:
             for block in patched:
                 block.__dict__.pop("forward", None)
 
-    @torch.no_grad()
-    def prefix_states(self, ids: Sequence[Sequence[int]], split: Sequence[int], layer: int, pad_id: int,
-                      max_tokens: int) -> PrefixStates:
-        """Run every sequence once and keep what replaying it from block ``layer`` with a change at position
-        ``split[s]`` needs: blocks up to ``layer`` on all positions, the blocks above only on the positions before
-        the split (keys/values before position t depend on tokens before t only)."""
+    def _continuation(self, past, length: int) -> dict:
+        """Forward arguments for ``length`` new positions after those held in ``past`` (none: a fresh pass)."""
+        if past is None:
+            return {"use_cache": False}
+        start = past.get_seq_length()
+        positions = torch.arange(start, start + length, device=self.device)
+        return {"use_cache": True, self.cache_kwarg: past, "cache_position": positions,
+                "position_ids": positions.unsqueeze(0)}
+
+    def expanded_cache(self, cache, rows: int):
+        """A new cache holding ``cache``'s positions (batch 1) for each of ``rows`` rows; ``cache`` is untouched."""
         from transformers import DynamicCache
 
+        data = [(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1)) for layer in cache.layers]
+        return DynamicCache(ddp_cache_data=data, config=self.lm.config)
+
+    @torch.no_grad()
+    def _shared_prefix(self, ids: Sequence[int], layer: int):
+        """One pass of a prefix that many sequences start with: (cache of every layer, block ``layer``'s output
+        [P, d])."""
+        from transformers import DynamicCache
+
+        captured = {}
+        handle = self.blocks[layer].register_forward_hook(
+            lambda m, a, out: captured.__setitem__("h", _first(out)[0].float()))
+        cache = DynamicCache(config=self.lm.config)
+        try:
+            self.decoder(input_ids=torch.tensor([list(ids)], device=self.device),
+                         attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=self.device),
+                         use_cache=True, **{self.cache_kwarg: cache})
+        finally:
+            handle.remove()
+        return cache, captured["h"]
+
+    @torch.no_grad()
+    def prefix_states(self, ids: Sequence[Sequence[int]], split: Sequence[int], layer: int, pad_id: int,
+                      max_tokens: int, shared_groups: Sequence[Sequence[int]] = ()) -> PrefixStates:
+        """Run every sequence once and keep what replaying it from block ``layer`` with a change at position
+        ``split[s]`` needs: blocks up to ``layer`` on all positions, the blocks above only on the positions before
+        the split (keys/values before position t depend on tokens before t only).
+
+        ``shared_groups``: groups of sequences likely to start alike (the same context template). The tokens a
+        group has in common, up to its earliest split, run once for the whole group; its sequences continue from
+        that pass's cache. Results are the same (to float rounding) with or without groups.
+        """
         split_t = torch.tensor(list(split), dtype=torch.long)
         if (split_t < 0).any() or any(sp >= len(s) for sp, s in zip(split, ids)):
             raise ValueError("every split must fall inside its sequence")
@@ -191,40 +240,67 @@ class ModelAccess:
         if window and longest >= window:
             raise ValueError(f"an editing prompt of {longest} tokens exceeds the model's sliding window ({window})")
         width = int(split_t.max())
-        upper = range(layer + 1, len(self.blocks))
         block_output: list[torch.Tensor] = [None] * len(ids)  # type: ignore[list-item]
         keys: dict[int, torch.Tensor] = {}
         values: dict[int, torch.Tensor] = {}
-        for chunk in chunk_by_tokens([len(s) for s in ids], max_tokens):
-            batch_ids, mask = pad_right([ids[i] for i in chunk], pad_id)
-            hidden = self.trace(batch_ids, mask, block_outputs=[layer])[("block", layer)]
-            for row, i in enumerate(chunk):
-                block_output[i] = hidden[row, : len(ids[i])].float()
-            n_of_row = split_t[chunk]  # [B]
-            n_max = int(n_of_row.max())
-            if not upper or n_max == 0:
-                continue
-            cache = DynamicCache(config=self.lm.config)
+        plans: list[tuple[list[int], int]] = []  # (sequences, positions they share)
+        grouped: set[int] = set()
+        for group in shared_groups:
+            group = [s for s in group if s not in grouped]
+            n_shared = min(common_prefix_length([ids[s] for s in group]), min(split[s] for s in group)) if group else 0
+            if len(group) > 1 and n_shared > 0:
+                plans.append((group, n_shared))
+                grouped.update(group)
+        plans.append(([s for s in range(len(ids)) if s not in grouped], 0))
+        for seqs, n_shared in plans:
+            shared_cache, shared_hidden = self._shared_prefix(ids[seqs[0]][:n_shared], layer) if n_shared \
+                else (None, None)
+            for chunk_pos in chunk_by_tokens([len(ids[s]) - n_shared for s in seqs], max_tokens):
+                chunk = [seqs[i] for i in chunk_pos]
+                self._prefix_chunk(ids, split_t, chunk, layer, pad_id, width, n_shared, shared_cache, shared_hidden,
+                                   block_output, keys, values)
+        return PrefixStates(block_output, split_t, keys, values, width)
+
+    def _prefix_chunk(self, ids, split_t, chunk, layer, pad_id, width, n_shared, shared_cache, shared_hidden,
+                      block_output, keys, values) -> None:
+        """:meth:`prefix_states` for the sequences ``chunk``, which share their first ``n_shared`` positions (held
+        in ``shared_cache``, with block ``layer``'s output there ``shared_hidden`` [n_shared, d])."""
+        from transformers import DynamicCache
+
+        upper = range(layer + 1, len(self.blocks))
+        batch_ids, mask = pad_right([ids[i][n_shared:] for i in chunk], pad_id)  # the positions of their own
+        full_mask = torch.cat([torch.ones(len(chunk), n_shared, dtype=torch.long), mask], dim=1)
+        past = self.expanded_cache(shared_cache, len(chunk)) if n_shared else None
+        hidden = self.trace(batch_ids, full_mask, block_outputs=[layer], past=past)[("block", layer)]
+        for row, i in enumerate(chunk):
+            own = hidden[row, : len(ids[i]) - n_shared].float()
+            block_output[i] = torch.cat([shared_hidden, own]) if n_shared else own
+        n_of_row = split_t[chunk]  # [B] positions before the split, shared ones included
+        n_max = int(n_of_row.max()) - n_shared
+        if not upper or n_max + n_shared == 0:
+            return
+        cache = self.expanded_cache(shared_cache, len(chunk)) if n_shared else DynamicCache(config=self.lm.config)
+        if n_max > 0:
+            # Blocks up to ``layer`` are skipped and keep only the shared positions: the past length the attention
+            # mask is built from.
             with self.replay_from(layer, hidden[:, :n_max]):
                 self.decoder(input_ids=batch_ids[:, :n_max].to(self.device),
-                             attention_mask=mask[:, :n_max].to(self.device), use_cache=True,
-                             **{self.cache_kwarg: cache})
-            # Every (row, t < split) of the chunk, moved to position width − split + t: one copy per layer.
-            row_of = torch.arange(len(chunk)).repeat_interleave(n_of_row)
-            t_of = torch.arange(int(n_of_row.sum())) - (torch.cumsum(n_of_row, 0) - n_of_row).repeat_interleave(
-                n_of_row)
-            seq_of = torch.tensor(chunk)[row_of]
-            dest = width - n_of_row[row_of] + t_of
-            row_of, t_of, seq_of, dest = (t.to(self.device) for t in (row_of, t_of, seq_of, dest))
-            for l in upper:
-                k, v = cache.layers[l].keys, cache.layers[l].values  # [B, kv_heads, n_max, head_dim]
-                if l not in keys:
-                    shape = (len(ids), k.shape[1], width, k.shape[3])
-                    keys[l] = torch.zeros(shape, dtype=k.dtype, device=k.device)
-                    values[l] = torch.zeros(shape, dtype=v.dtype, device=v.device)
-                keys[l][seq_of, :, dest] = k[row_of, :, t_of]
-                values[l][seq_of, :, dest] = v[row_of, :, t_of]
-        return PrefixStates(block_output, split_t, keys, values, width)
+                             attention_mask=full_mask[:, : n_shared + n_max].to(self.device),
+                             **self._continuation(cache, n_max))
+        # Every (row, t < split) of the chunk, moved to position width − split + t: one copy per layer.
+        row_of = torch.arange(len(chunk)).repeat_interleave(n_of_row)
+        t_of = torch.arange(int(n_of_row.sum())) - (torch.cumsum(n_of_row, 0) - n_of_row).repeat_interleave(n_of_row)
+        seq_of = torch.tensor(chunk)[row_of]
+        dest = width - n_of_row[row_of] + t_of
+        row_of, t_of, seq_of, dest = (t.to(self.device) for t in (row_of, t_of, seq_of, dest))
+        for l in upper:
+            k, v = cache.layers[l].keys, cache.layers[l].values  # [B, kv_heads, ≥ max split, head_dim]
+            if l not in keys:
+                shape = (len(ids), k.shape[1], width, k.shape[3])
+                keys[l] = torch.zeros(shape, dtype=k.dtype, device=k.device)
+                values[l] = torch.zeros(shape, dtype=v.dtype, device=v.device)
+            keys[l][seq_of, :, dest] = k[row_of, :, t_of]
+            values[l][seq_of, :, dest] = v[row_of, :, t_of]
 
     def replay_suffix(self, layer: int, prefix: PrefixStates, seqs: Sequence[int], hidden: torch.Tensor,
                       suffix_ids: torch.Tensor, suffix_mask: torch.Tensor) -> torch.Tensor:

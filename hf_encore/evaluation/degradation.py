@@ -16,12 +16,18 @@ from ..layer import Linear
 from .scoring import pad_token_id, score_continuations
 
 
+LOGITS_PER_PASS = 2**28  # logit values one perplexity pass may hold (1 GiB in float32)
+
+
 @torch.no_grad()
 def perplexity(model, tokenizer, texts: Sequence[str], *, n_tokens: int = 20_000, seq_len: int = 256,
                max_tokens: int = 4096, progress: bool = False) -> float:
     """exp(mean next-token NLL) over the first ``n_tokens`` tokens of ``texts``, in chunks of ``seq_len``."""
     chunks = packed_chunks(tokenizer, texts, n_tokens, seq_len)
     device = next(model.parameters()).device
+    # Every position's logits are materialised (and copied by the loss): on a 262k vocabulary (Gemma-3) 4096
+    # tokens of them take 4 GiB each, so the vocabulary bounds the tokens per pass too.
+    max_tokens = max(seq_len, min(max_tokens, LOGITS_PER_PASS // max(1, len(tokenizer))))
     total_nll, count = 0.0, 0
     for group in tqdm(chunk_by_tokens([len(c) for c in chunks], max_tokens), desc="perplexity",
                       disable=not progress, leave=False):

@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..editing.tracing import common_prefix_length
 from .scoring import pad_token_id, score_continuations
 
 
@@ -103,15 +104,6 @@ def parse_answer(text: str, label_words: Sequence[str]) -> int:
         if word == candidate.lower():
             return label
     return -1
-
-
-def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
-    """Number of leading tokens every sequence shares."""
-    first, n = seqs[0], min(len(s) for s in seqs)
-    for i in range(n):
-        if any(s[i] != first[i] for s in seqs):
-            return i
-    return n
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
