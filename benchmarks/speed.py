@@ -21,6 +21,7 @@ import platform
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,28 +40,42 @@ from hf_encore.layer import Linear  # noqa: E402
 from hf_encore.models import ensure_builtin  # noqa: E402
 
 
-DEVICE: str | None = None  # set from --device in main(): where every model of this run is loaded
-SETTINGS: dict = {}  # set from --set in main(): EncoreConfig settings for every run
+@dataclass(frozen=True)
+class Bench:
+    """What every section of one benchmark run shares: the model, the statistics text, where it runs and the
+    EncoreConfig settings (``--set``) of every edit."""
 
+    model_dir: Path
+    corpus: Path
+    device: str | None = None
+    settings: dict = field(default_factory=dict)
 
-def synchronize() -> None:
-    """Wait for queued GPU work, so that wall-clock readings cover it."""
-    if DEVICE and torch.device(DEVICE).type == "cuda":
-        torch.cuda.synchronize()
+    @property
+    def on_gpu(self) -> bool:
+        return self.device is not None and torch.device(self.device).type == "cuda"
 
+    def synchronize(self) -> None:
+        """Wait for queued GPU work, so that wall-clock readings cover it."""
+        if self.on_gpu:
+            torch.cuda.synchronize()
 
-def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
-    """Measured fp32 matmul throughput on the benchmark's device (TF32 stays off, as in editing)."""
-    if DEVICE and torch.device(DEVICE).type == "cuda":
-        n, repeats = 8192, 20
-    a, b = torch.randn(n, n, device=DEVICE), torch.randn(n, n, device=DEVICE)
-    a @ b
-    synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
+    def load(self):
+        return load_model(str(self.model_dir), device=self.device)
+
+    def config(self, **overrides) -> EncoreConfig:
+        return EncoreConfig(**{**self.settings, **overrides})
+
+    def matmul_peak_gflops(self) -> float:
+        """Measured fp32 matmul throughput on the run's device (TF32 stays off, as in editing)."""
+        n, repeats = (8192, 20) if self.on_gpu else (2048, 10)
+        a, b = torch.randn(n, n, device=self.device), torch.randn(n, n, device=self.device)
         a @ b
-    synchronize()
-    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+        self.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        self.synchronize()
+        return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
 def deltas(model) -> dict[str, torch.Tensor]:
@@ -96,9 +111,9 @@ def z_flops(model, report, config, requests, tokenizer) -> float:
     return total
 
 
-def timed_edit(model_dir, method, corpus, requests, reference=False):
-    base, tok = load_model(str(model_dir), device=DEVICE)
-    model = get_encore_model(base, EncoreConfig(method=method, **SETTINGS), tokenizer=tok, corpus=corpus)
+def timed_edit(bench: Bench, method, requests, reference=False):
+    base, tok = bench.load()
+    model = get_encore_model(base, bench.config(method=method), tokenizer=tok, corpus=bench.corpus)
     model.base_model.compute_statistics(progress=False)  # cached before timing: statistics are measured apart
     if reference:
         with use_reference_path():
@@ -108,20 +123,20 @@ def timed_edit(model_dir, method, corpus, requests, reference=False):
     return model, tok, report
 
 
-def statistics_part(model_dir, corpus, stats_tokens: int) -> dict:
+def statistics_part(bench: Bench, stats_tokens: int) -> dict:
     """One early-stopping pass for all layers against one full pass per layer, on the same chunks."""
-    base, tok = load_model(str(model_dir), device=DEVICE)
-    config = EncoreConfig(**SETTINGS)
+    base, tok = bench.load()
+    config = bench.config()
     model = get_encore_model(base, config, tokenizer=tok)
     access = ModelAccess(model.base_model.model, model.base_model._layout(config))
-    chunks = packed_chunks(tok, read_corpus(corpus).texts, stats_tokens, config.stats_seq_len)
+    chunks = packed_chunks(tok, read_corpus(bench.corpus).texts, stats_tokens, config.stats_seq_len)
     stats = {}
     for name, function in (("optimised", second_moments), ("reference", reference_second_moments)):
-        synchronize()
+        bench.synchronize()
         start = time.perf_counter()
         moments, count = function(access, chunks, config.layers, tok.pad_token_id, config.max_tokens_per_forward,
                                   False)
-        synchronize()
+        bench.synchronize()
         seconds = time.perf_counter() - start
         stats[name] = {"seconds": seconds, "tokens": count, "layers": len(config.layers),
                        "tokens_per_second": count / seconds, "moments": moments}
@@ -136,11 +151,11 @@ def statistics_part(model_dir, corpus, stats_tokens: int) -> dict:
     return result
 
 
-def reference_part(model_dir, corpus, cases, requests) -> dict:
+def reference_part(bench: Bench, cases, requests) -> dict:
     """ENCORE by the optimised and the reference path on the same requests: time, scores, deltas."""
     runs = {}
     for path in ("optimised", "reference"):
-        model, tok, report = timed_edit(model_dir, "encore", corpus, requests, reference=path == "reference")
+        model, tok, report = timed_edit(bench, "encore", requests, reference=path == "reference")
         scores = counterfact_scores(model, tok, cases)
         runs[path] = {"report": report, "deltas": deltas(model), "scores": scores}
         print(f"encore {path:>9}: {report.seconds['total'] / len(requests):.2f} s/edit over {len(requests)} edits "
@@ -158,15 +173,15 @@ def reference_part(model_dir, corpus, cases, requests) -> dict:
     return result
 
 
-def methods_part(model_dir, corpus, requests, methods, peak: float, rounds: int = 1) -> tuple[dict, float | None]:
+def methods_part(bench: Bench, requests, methods, peak: float, rounds: int = 1) -> tuple[dict, float | None]:
     """Each method on the full batch, each from a freshly loaded model, after one untimed warm-up edit; and ENCORE's
     time per edit over MEMIT's. With ``rounds`` > 1 the methods run in alternating order (A B C, C B A, …) and each
     figure is the mean of its runs, so a drift in the machine's speed cancels out of the ratios."""
-    timed_edit(model_dir, methods[0], corpus, requests[:2])
+    timed_edit(bench, methods[0], requests[:2])
     result: dict = {}
     for round_ in range(rounds):
         for method in methods if round_ % 2 == 0 else methods[::-1]:
-            model, tok, report = timed_edit(model_dir, method, corpus, requests)
+            model, tok, report = timed_edit(bench, method, requests)
             seconds = report.seconds["total"] / len(requests)
             print(f"{method:>10}: {seconds:.2f} s/edit at batch {len(requests)}, "
                   f"{sum(q.steps for q in report.requests)} z-steps; profile "
@@ -215,23 +230,21 @@ def main() -> None:
                         help="an EncoreConfig setting for every run (e.g. max_tokens_per_forward=32768 on a GPU)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    global DEVICE, SETTINGS
-    DEVICE, SETTINGS = args.device, parse_settings(args.set)
-    EncoreConfig(**SETTINGS)  # a bad setting fails before anything runs
     out = Path(args.out or f"docs/results/speed-{args.model}.json")
     torch.manual_seed(0)
 
-    model_dir = ensure_builtin(args.model)
-    corpus = data_dir() / "corpus" / "wikitext-2-valid.txt"
+    bench = Bench(ensure_builtin(args.model), data_dir() / "corpus" / "wikitext-2-valid.txt", args.device,
+                  parse_settings(args.set))
+    bench.config()  # a bad setting fails before anything runs
     cases = load_counterfact(data_dir() / "counterfact" / "counterfact-train.json")[: args.edits]
     requests = [{k: c[k] for k in ("prompt", "subject", "target_new")} for c in cases]
     n_ref = args.reference_edits or args.edits
     results = json.loads(out.read_text()) if out.is_file() and set(args.parts) != set(PARTS) else {}
     machine = (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                f"{torch.get_num_threads()} threads")
-    if DEVICE and torch.device(DEVICE).type == "cuda":
-        machine += f", {torch.cuda.get_device_name()}" 
-    peak = matmul_peak_gflops()
+    if bench.on_gpu:
+        machine += f", {torch.cuda.get_device_name()}"
+    peak = bench.matmul_peak_gflops()
     print(f"machine: {machine}; fp32 matmul peak {peak:.1f} GFLOP/s", flush=True)
     results.update({"model": args.model, "edits": args.edits, "machine": machine})
     if "command" in results:  # written before sections were recorded apart: all of it came from one command
@@ -243,15 +256,15 @@ def main() -> None:
                       "matmul_peak_gflops": peak}
 
     if "statistics" in args.parts:
-        results["statistics"] = statistics_part(model_dir, corpus, args.stats_tokens)
+        results["statistics"] = statistics_part(bench, args.stats_tokens)
     with tempfile.TemporaryDirectory() as cache:
         os.environ["HF_ENCORE_CACHE"] = cache  # C₀ computed once here, then shared by every run below
         if "reference" in args.parts:
             results["reference_edits"] = n_ref
-            results["reference_comparison"] = reference_part(model_dir, corpus, cases[:n_ref], requests[:n_ref])
+            results["reference_comparison"] = reference_part(bench, cases[:n_ref], requests[:n_ref])
         if "methods" in args.parts:
-            results["methods"], results["encore_over_memit"] = methods_part(model_dir, corpus, requests, args.methods,
-                                                                            peak, args.rounds)
+            results["methods"], results["encore_over_memit"] = methods_part(bench, requests, args.methods, peak,
+                                                                            args.rounds)
         del os.environ["HF_ENCORE_CACHE"]
 
     out.parent.mkdir(parents=True, exist_ok=True)
