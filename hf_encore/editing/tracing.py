@@ -276,9 +276,10 @@ class ModelAccess:
             own = hidden[row, : len(ids[i]) - n_shared].float()
             block_output[i] = torch.cat([shared_hidden, own]) if n_shared else own
         n_of_row = split_t[chunk]  # [B] positions before the split, shared ones included
-        n_max = int(n_of_row.max()) - n_shared
-        if not upper or n_max + n_shared == 0:
+        if not upper or int(n_of_row.max()) == 0:
             return
+        n_max = int(n_of_row.max()) - n_shared  # positions of their own before the split
+        # A second copy of the shared cache: the pass above extended the first one's lower layers.
         cache = self.expanded_cache(shared_cache, len(chunk)) if n_shared else DynamicCache(config=self.lm.config)
         if n_max > 0:
             # Blocks up to ``layer`` are skipped and keep only the shared positions: the past length the attention
