@@ -104,34 +104,63 @@ def test_same_requests_give_identical_deltas(edited, smollm2, tokenizer, corpus_
     assert all(torch.equal(again[k], first[k]) for k in first)
 
 
-def test_shared_key_pass_matches_whole_prompt_passes(smollm2, tokenizer, cases):
-    """Keys read from prompts cut after the subject and replayed from the first edited block equal keys from a
-    full forward of each whole prompt through the whole model."""
+def assert_key_pass_matches_whole_prompts(model, tokenizer, cases, first_layer, key_layers, output_layer):
+    """Keys read from prompts cut after the subject, their context template's tokens run once per template, and
+    replayed from the first edited block equal keys from a full forward of each whole prompt through the model."""
     from hf_encore.architectures import resolve_layout
     from hf_encore.editing.keys import key_pass_inputs, keys_and_outputs
     from hf_encore.editing.requests import parse_requests, prepare_requests
     from hf_encore.editing.tracing import ModelAccess, pad_right
 
-    access = ModelAccess(smollm2, resolve_layout(smollm2))
+    access = ModelAccess(model, resolve_layout(model))
     templates = ["{}", "The weather is nice today. {}", "In other news, {}"]
     prepared = prepare_requests(tokenizer, parse_requests(cases[:4]), templates)
-    inputs = key_pass_inputs(access, prepared, 4, tokenizer.pad_token_id, max_tokens=64)
-    assert len(inputs.chunks) > 2  # the budget forces several chunks of each kind
-    for key_layer in (4, 6):
-        keys, raw_keys, outputs = keys_and_outputs(access, inputs, key_layer, 8)
-        for r, req in enumerate(prepared):
-            ids, mask = pad_right([p.ids for p in req.prompts], tokenizer.pad_token_id)
-            got = access.trace(ids, mask, block_outputs=[8], mlp_inputs=[key_layer])
-            at = torch.tensor([p.subject_last for p in req.prompts])
-            k = got[("key", key_layer)][torch.arange(len(at)), at].double()
-            expected_key = 0.5 * k[0] + 0.5 * k[1:].mean(0)
-            expected_output = got[("block", 8)][0, at[0]].double()
-            # Other padding and batch shapes change float32 rounding only.
-            assert (keys[:, r] - expected_key).norm() < 1e-5 * expected_key.norm()
-            assert (raw_keys[:, r] - k[0]).norm() < 1e-5 * k[0].norm()
-            assert (outputs[:, r] - expected_output).norm() < 1e-5 * expected_output.norm()
-    with pytest.raises(ValueError, match="below the cached start"):
-        keys_and_outputs(access, inputs, 3, 8)
+    inputs = key_pass_inputs(access, prepared, first_layer, tokenizer.pad_token_id, max_tokens=40)
+    assert len(inputs.chunks) > 3  # the budget forces several chunks of each kind
+    assert len(inputs.shared_ids) == 2 and sum(g >= 0 for g in inputs.shared) > 2  # templates' tokens run once
+    originals = {layer: access.w_out(layer).weight.detach().clone() for layer in key_layers}
+    torch.manual_seed(0)
+    try:
+        for key_layer in key_layers:
+            keys, raw_keys, outputs = keys_and_outputs(access, inputs, key_layer, output_layer)
+            for r, req in enumerate(prepared):
+                ids, mask = pad_right([p.ids for p in req.prompts], tokenizer.pad_token_id)
+                got = access.trace(ids, mask, block_outputs=[output_layer], mlp_inputs=[key_layer])
+                at = torch.tensor([p.subject_last for p in req.prompts])
+                k = got[("key", key_layer)][torch.arange(len(at)), at].double()
+                expected_key = 0.5 * k[0] + 0.5 * k[1:].mean(0)
+                expected_output = got[("block", output_layer)][0, at[0]].double()
+                # Other padding and batch shapes change float32 rounding only.
+                assert (keys[:, r] - expected_key).norm() < 1e-5 * expected_key.norm()
+                assert (raw_keys[:, r] - k[0]).norm() < 1e-5 * k[0].norm()
+                assert (outputs[:, r] - expected_output).norm() < 1e-5 * expected_output.norm()
+            # As in edit(): this layer changes before the next one's keys, template tokens included.
+            weight = access.w_out(key_layer).weight
+            with torch.no_grad():
+                weight.add_(0.3 * weight.std() * torch.randn_like(weight))
+        with pytest.raises(ValueError, match="below the cached start"):
+            keys_and_outputs(access, inputs, first_layer - 1, output_layer)
+    finally:
+        with torch.no_grad():
+            for layer, weight in originals.items():
+                access.w_out(layer).weight.copy_(weight)
+
+
+def test_shared_key_pass_matches_whole_prompt_passes(smollm2, tokenizer, cases):
+    assert_key_pass_matches_whole_prompts(smollm2, tokenizer, cases, 4, (4, 6), 8)
+
+
+def test_shared_key_pass_on_sliding_window_and_global_layers(tokenizer, cases):
+    """Gemma-3 mixes sliding-window and global layers: the passes stop below the first global layer, whose cache
+    stays empty, and the masks still come out right."""
+    from test_post_norm import tiny_gemma3
+
+    model = tiny_gemma3(len(tokenizer), layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                                                     "sliding_attention"])
+    with torch.no_grad():
+        for block in model.model.layers:  # weights large enough that a wrong mask or position shows
+            block.mlp.down_proj.weight.mul_(4)
+    assert_key_pass_matches_whole_prompts(model, tokenizer, cases, 1, (1, 2), 3)
 
 
 def assert_shared_prefixes_change_nothing(model, ids, split, layer, groups, max_tokens):

@@ -15,13 +15,14 @@ REQUEST = {"prompt": "{} plays the sport of", "subject": "LeBron James", "target
 LAYER = 2
 
 
-def tiny_gemma3(vocab_size: int):
+def tiny_gemma3(vocab_size: int, layer_types: list[str] | None = None):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     torch.manual_seed(0)
     config = Gemma3TextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                               num_attention_heads=4, num_key_value_heads=1, head_dim=16,
-                              max_position_embeddings=256, sliding_window=128, initializer_range=0.2)
+                              max_position_embeddings=256, sliding_window=128, initializer_range=0.2,
+                              layer_types=layer_types)
     model = Gemma3ForCausalLM(config).eval()
     with torch.no_grad():
         for block in model.model.layers:  # Gemma's norms start at gain 1; real ones are far from it

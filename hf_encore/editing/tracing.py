@@ -197,29 +197,25 @@ class ModelAccess:
                 "position_ids": positions.unsqueeze(0)}
 
     def expanded_cache(self, cache, rows: int):
-        """A new cache holding ``cache``'s positions (batch 1) for each of ``rows`` rows; ``cache`` is untouched."""
+        """A new cache holding ``cache``'s positions (batch 1) for each of ``rows`` rows; ``cache`` is untouched.
+        Layers ``cache`` never reached stay empty."""
         from transformers import DynamicCache
 
-        data = [(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1)) for layer in cache.layers]
+        data = [(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1))
+                if layer.is_initialized else (None, None) for layer in cache.layers]
         return DynamicCache(ddp_cache_data=data, config=self.lm.config)
 
     @torch.no_grad()
-    def _shared_prefix(self, ids: Sequence[int], layer: int):
-        """One pass of a prefix that many sequences start with: (cache of every layer, block ``layer``'s output
-        [P, d])."""
+    def shared_prefix(self, ids: Sequence[int], through_layer: int, output_layer: int | None = None):
+        """One pass (batch 1) of tokens that many sequences start with, through blocks 0..``through_layer``:
+        (their cache, block ``output_layer``'s output [P, d] or ``None``)."""
         from transformers import DynamicCache
 
-        captured = {}
-        handle = self.blocks[layer].register_forward_hook(
-            lambda m, a, out: captured.__setitem__("h", _first(out)[0].float()))
         cache = DynamicCache(config=self.lm.config)
-        try:
-            self.decoder(input_ids=torch.tensor([list(ids)], device=self.device),
-                         attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=self.device),
-                         use_cache=True, **{self.cache_kwarg: cache})
-        finally:
-            handle.remove()
-        return cache, captured["h"]
+        outputs = [through_layer] if output_layer is None else [through_layer, output_layer]
+        got = self.trace(torch.tensor([list(ids)]), torch.ones(1, len(ids), dtype=torch.long),
+                         block_outputs=outputs, past=cache)
+        return cache, None if output_layer is None else got[("block", output_layer)][0].float()
 
     @torch.no_grad()
     def prefix_states(self, ids: Sequence[Sequence[int]], split: Sequence[int], layer: int, pad_id: int,
@@ -253,8 +249,8 @@ class ModelAccess:
                 grouped.update(group)
         plans.append(([s for s in range(len(ids)) if s not in grouped], 0))
         for seqs, n_shared in plans:
-            shared_cache, shared_hidden = self._shared_prefix(ids[seqs[0]][:n_shared], layer) if n_shared \
-                else (None, None)
+            shared_cache, shared_hidden = self.shared_prefix(ids[seqs[0]][:n_shared], len(self.blocks) - 1, layer) \
+                if n_shared else (None, None)
             for chunk_pos in chunk_by_tokens([len(ids[s]) - n_shared for s in seqs], max_tokens):
                 chunk = [seqs[i] for i in chunk_pos]
                 self._prefix_chunk(ids, split_t, chunk, layer, pad_id, width, n_shared, shared_cache, shared_hidden,
