@@ -59,7 +59,7 @@ def key_pass_inputs(
     cut = [p.ids[: p.subject_last + 1] for p in prompts]
     read_at = torch.tensor([p.subject_last for p in prompts])
     chunks, raw, shared, shared_ids, ids, masks, hidden = [], [], [], [], [], [], []
-    for members, n_shared in _prompt_groups(cut, per):
+    for place, (members, n_shared) in enumerate(_prompt_groups(cut, per)):
         group = -1
         lower_cache = None
         if n_shared:
@@ -77,7 +77,7 @@ def key_pass_inputs(
                 hidden.append(access.trace(own_ids, mask, block_outputs=[first_layer - 1], past=past)
                               [("block", first_layer - 1)])
             chunks.append(chunk)
-            raw.append(not members[0] % per)
+            raw.append(place == 0)
             shared.append(group)
             ids.append(own_ids)
             masks.append(mask)
