@@ -73,6 +73,35 @@ def test_multi_token_continuation_is_scored_token_by_token(bos_tokenizer):
     assert scores.token_accuracy[1].item() == pytest.approx(2 / 3)
 
 
+def test_continuation_scores_unembed_only_the_positions_they_read(smollm2, tokenizer):
+    """Logits only at the positions that predict continuation tokens (chunks ordered by where continuations
+    start) give the scores of full-logit passes of each sequence alone."""
+    from hf_encore.editing.requests import target_token_ids
+
+    prompts = ["The Eiffel Tower is located in the city of", "Paris is", "LeBron James plays the sport of",
+               "The capital of Japan is the city of", "Water boils at"]
+    continuations = ["Paris", "the capital of France", "basketball", "Tokyo", "100 degrees Celsius"]
+    widths, unembedded = [], []
+    handles = [smollm2.get_input_embeddings().register_forward_pre_hook(
+                   lambda module, args: widths.append(args[0].shape[1])),
+               smollm2.get_output_embeddings().register_forward_pre_hook(
+                   lambda module, args: unembedded.append(args[0].shape[1]))]
+    try:
+        scores = score_continuations(smollm2, tokenizer, prompts, continuations, max_tokens=12)  # several chunks
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(widths) > 2 and all(k < t for k, t in zip(unembedded, widths, strict=True))
+    for i, (prompt, continuation) in enumerate(zip(prompts, continuations)):
+        p_ids, t_ids = tokenizer(prompt)["input_ids"], target_token_ids(tokenizer, continuation)
+        with torch.no_grad():
+            logits = smollm2(input_ids=torch.tensor([p_ids + t_ids[:-1]])).logits[0, len(p_ids) - 1:].float()
+        t = torch.tensor(t_ids)
+        expected = logits.log_softmax(-1).gather(1, t.unsqueeze(1)).squeeze(1)
+        assert scores.token_logprobs[i].tolist() == pytest.approx(expected.tolist(), abs=1e-4)
+        assert scores.token_correct[i].tolist() == (logits.argmax(-1) == t).tolist()
+
+
 def test_counterfact_scores_and_magnitudes(bos_tokenizer):
     model = bigram(MODEL)
     cases = [{"prompt": "the capital of {} is", "subject": "france", "target_new": "rome", "target_true": "paris",

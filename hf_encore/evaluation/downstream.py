@@ -161,7 +161,7 @@ def greedy_answers(model, tokenizer, prompts: Sequence[str], candidates: Sequenc
         step_ids = item
         for step in range(max_new_tokens):
             out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                        **({kwarg: cache} if cache is not None else {}))
+                        logits_to_keep=1, **({kwarg: cache} if cache is not None else {}))
             cache = getattr(out, kwarg)
             logits = out.logits[:, -1].float()
             if step == 0:

@@ -54,13 +54,20 @@ def score_continuations(model, tokenizer, prompts: Sequence[str], continuations:
     logprobs: list[torch.Tensor] = [None] * len(seqs)  # type: ignore[list-item]
     correct: list[torch.Tensor] = [None] * len(seqs)  # type: ignore[list-item]
     device = next(model.parameters()).device
-    chunks = chunk_by_tokens([len(s) for s in seqs], max_tokens)
+    # Logits only at the positions that predict continuation tokens: on a 262k vocabulary (Gemma-3) the unembedding
+    # of every position costs more than the whole decoder. Sequences are ordered by where their continuation
+    # starts, so the positions a chunk keeps (the same for all its rows) form a short range.
+    order = sorted(range(len(seqs)), key=lambda i: (starts[i], len(seqs[i])))
+    chunks = [[order[j] for j in chunk] for chunk in chunk_by_tokens([len(seqs[i]) for i in order], max_tokens)]
     for chunk in tqdm(chunks, desc="scoring", disable=not progress, leave=False):
         ids, mask = pad_right([seqs[i] for i in chunk], pad_token_id(tokenizer))
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        first, last = min(starts[i] for i in chunk), max(starts[i] + len(targets[i]) for i in chunk)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                       logits_to_keep=torch.arange(first, last, device=device)).logits
+        offset = 0 if logits.shape[1] == ids.shape[1] else first  # a model may ignore logits_to_keep
         for row, i in enumerate(chunk):
             t = torch.tensor(targets[i], device=device)
-            step_logits = logits[row, starts[i]: starts[i] + len(t)].float()
+            step_logits = logits[row, starts[i] - offset: starts[i] - offset + len(t)].float()
             logprobs[i] = step_logits.log_softmax(-1).gather(1, t.unsqueeze(1)).squeeze(1).cpu()
             correct[i] = (step_logits.argmax(-1) == t).cpu()
     return ContinuationScores(logprobs, correct)
