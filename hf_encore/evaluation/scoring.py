@@ -54,8 +54,8 @@ def score_continuations(model, tokenizer, prompts: Sequence[str], continuations:
     logprobs: list[torch.Tensor] = [None] * len(seqs)  # type: ignore[list-item]
     correct: list[torch.Tensor] = [None] * len(seqs)  # type: ignore[list-item]
     device = next(model.parameters()).device
-    # Logits only at the positions that predict continuation tokens: on a 262k vocabulary (Gemma-3) the unembedding
-    # of every position costs more than the whole decoder. Sequences are ordered by where their continuation
+    # Logits only at the positions that predict continuation tokens: on a 262k vocabulary (Gemma-3) unembedding
+    # every position takes more arithmetic than the decoder blocks. Sequences are ordered by where their continuation
     # starts, so the positions a chunk keeps (the same for all its rows) form a short range.
     order = sorted(range(len(seqs)), key=lambda i: (starts[i], len(seqs[i])))
     chunks = [[order[j] for j in chunk] for chunk in chunk_by_tokens([len(seqs[i]) for i in order], max_tokens)]
