@@ -224,6 +224,28 @@ def test_greedy_answers_past_a_sliding_window_match_generate(tokenizer, shared_d
         torch.testing.assert_close(logits[i], out.logits[0][0, [5, 6]].float(), rtol=1e-4, atol=1e-4)
 
 
+def test_greedy_answers_batch_items_that_fit_in_a_sliding_window(tokenizer, shared_data):
+    """Items whose tokens and answer fit in the window share batches whatever their lengths; longer ones still
+    match generate."""
+    from test_post_norm import tiny_gemma3
+
+    from hf_encore.evaluation.downstream import greedy_answers
+
+    model = tiny_gemma3(len(tokenizer))
+    prompts, _ = few_shot_prompts(TASKS["sst2"], load_task("sst2", shared_data / "downstream"), n_shots=1, n_test=8)
+    lengths = sorted(len(tokenizer(p)["input_ids"]) for p in prompts)
+    model.config.sliding_window = lengths[len(lengths) // 2] + 3
+    fitting = {n for n in lengths if n + 3 < model.config.sliding_window}
+    assert len(fitting) > 1 and max(lengths) + 3 > model.config.sliding_window + 2  # both kinds, padding between
+    texts, logits = greedy_answers(model, tokenizer, prompts, [5, 6], max_new_tokens=3, batch_size=8)
+    for i, prompt in enumerate(prompts):
+        batch = tokenizer(prompt, return_tensors="pt")
+        out = model.generate(**batch, do_sample=False, max_new_tokens=3, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=tokenizer.eos_token_id)
+        assert texts[i] == tokenizer.decode(out.sequences[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        torch.testing.assert_close(logits[i], out.logits[0][0, [5, 6]].float(), rtol=1e-4, atol=1e-4)
+
+
 def test_downstream_and_norms_on_a_real_model(smollm2, tokenizer, shared_data, corpus_path, tmp_path, monkeypatch):
     from hf_encore import EncoreConfig, get_encore_model
     from hf_encore.evaluation import downstream_scores, weight_norms

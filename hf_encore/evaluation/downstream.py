@@ -121,7 +121,8 @@ def greedy_answers(model, tokenizer, prompts: Sequence[str], candidates: Sequenc
     Few-shot prompts share their shots: that common token prefix runs once and its cache is reused by every
     batch, so each item costs only its own tokens. Within a batch the items are left-padded against the prefix
     (padding sits between prefix and item, masked; positions skip it). A sliding-window attention layer counts
-    its window in cache slots, padding included, so on models with one a batch holds only items of one length.
+    its window in cache slots, padding included: items whose tokens and answer fit in the window share batches
+    freely (no slot can fall out of it), longer ones share a batch only with items of their own length.
     """
     from ..editing.tracing import cache_kwarg
 
@@ -136,13 +137,11 @@ def greedy_answers(model, tokenizer, prompts: Sequence[str], candidates: Sequenc
         out = model(input_ids=torch.tensor([ids[0][:shared]], device=device), use_cache=True)
         prefix_cache = getattr(out, kwarg)
     config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-    if getattr(config, "sliding_window", None):
-        by_length: dict[int, list[int]] = {}
-        for i, s in enumerate(ids):
-            by_length.setdefault(len(s), []).append(i)
-        batches = [group[j: j + batch_size] for group in by_length.values() for j in range(0, len(group), batch_size)]
-    else:
-        batches = [list(range(j, min(j + batch_size, len(ids)))) for j in range(0, len(ids), batch_size)]
+    window = getattr(config, "sliding_window", None)
+    groups: dict[int, list[int]] = {}  # -1: items that fit in the window (or no window); else by length
+    for i, s in enumerate(ids):
+        groups.setdefault(-1 if not window or len(s) + max_new_tokens < window else len(s), []).append(i)
+    batches = [group[j: j + batch_size] for group in groups.values() for j in range(0, len(group), batch_size)]
     texts: list[str] = [""] * len(ids)
     first_logits = torch.empty(len(ids), len(candidates))
     for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
