@@ -205,23 +205,28 @@ def test_greedy_answers_with_a_shared_prefix_match_generate(smollm2, tokenizer, 
         torch.testing.assert_close(logits[i], out.logits[0][0, candidates].float(), rtol=1e-4, atol=1e-3)
 
 
-def test_greedy_answers_past_a_sliding_window_match_generate(tokenizer, shared_data):
-    """Gemma-3's sliding-window layers keep only the last window of the prefix cache: still the same answers."""
-    from test_post_norm import tiny_gemma3
-
+def assert_greedy_answers_match_generate(model, tokenizer, prompts, batch_size):
+    """greedy_answers (3 tokens, first-step logits of tokens 5 and 6) equals generate on each prompt alone."""
     from hf_encore.evaluation.downstream import greedy_answers
 
-    model = tiny_gemma3(len(tokenizer))
-    model.config.sliding_window = 16
-    prompts, _ = few_shot_prompts(TASKS["sst2"], load_task("sst2", shared_data / "downstream"), n_shots=1, n_test=3)
-    assert all(len(tokenizer(p)["input_ids"]) > 40 for p in prompts)
-    texts, logits = greedy_answers(model, tokenizer, prompts, [5, 6], max_new_tokens=3, batch_size=2)
+    texts, logits = greedy_answers(model, tokenizer, prompts, [5, 6], max_new_tokens=3, batch_size=batch_size)
     for i, prompt in enumerate(prompts):
         batch = tokenizer(prompt, return_tensors="pt")
         out = model.generate(**batch, do_sample=False, max_new_tokens=3, output_logits=True,
                              return_dict_in_generate=True, pad_token_id=tokenizer.eos_token_id)
         assert texts[i] == tokenizer.decode(out.sequences[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         torch.testing.assert_close(logits[i], out.logits[0][0, [5, 6]].float(), rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_answers_past_a_sliding_window_match_generate(tokenizer, shared_data):
+    """Gemma-3's sliding-window layers keep only the last window of the prefix cache: still the same answers."""
+    from test_post_norm import tiny_gemma3
+
+    model = tiny_gemma3(len(tokenizer))
+    model.config.sliding_window = 16
+    prompts, _ = few_shot_prompts(TASKS["sst2"], load_task("sst2", shared_data / "downstream"), n_shots=1, n_test=3)
+    assert all(len(tokenizer(p)["input_ids"]) > 40 for p in prompts)
+    assert_greedy_answers_match_generate(model, tokenizer, prompts, batch_size=2)
 
 
 def test_greedy_answers_batch_items_that_fit_in_a_sliding_window(tokenizer, shared_data):
@@ -229,21 +234,13 @@ def test_greedy_answers_batch_items_that_fit_in_a_sliding_window(tokenizer, shar
     match generate."""
     from test_post_norm import tiny_gemma3
 
-    from hf_encore.evaluation.downstream import greedy_answers
-
     model = tiny_gemma3(len(tokenizer))
     prompts, _ = few_shot_prompts(TASKS["sst2"], load_task("sst2", shared_data / "downstream"), n_shots=1, n_test=8)
     lengths = sorted(len(tokenizer(p)["input_ids"]) for p in prompts)
     model.config.sliding_window = lengths[len(lengths) // 2] + 3
     fitting = {n for n in lengths if n + 3 < model.config.sliding_window}
     assert len(fitting) > 1 and max(lengths) + 3 > model.config.sliding_window + 2  # both kinds, padding between
-    texts, logits = greedy_answers(model, tokenizer, prompts, [5, 6], max_new_tokens=3, batch_size=8)
-    for i, prompt in enumerate(prompts):
-        batch = tokenizer(prompt, return_tensors="pt")
-        out = model.generate(**batch, do_sample=False, max_new_tokens=3, output_logits=True,
-                             return_dict_in_generate=True, pad_token_id=tokenizer.eos_token_id)
-        assert texts[i] == tokenizer.decode(out.sequences[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-        torch.testing.assert_close(logits[i], out.logits[0][0, [5, 6]].float(), rtol=1e-4, atol=1e-4)
+    assert_greedy_answers_match_generate(model, tokenizer, prompts, batch_size=8)
 
 
 def test_downstream_and_norms_on_a_real_model(smollm2, tokenizer, shared_data, corpus_path, tmp_path, monkeypatch):
