@@ -188,7 +188,8 @@ def test_few_shot_prompts_use_the_pool_and_test_after_it():
 def test_greedy_answers_with_a_shared_prefix_match_generate(smollm2, tokenizer, shared_data):
     """The shared-prefix cache and the padding between prefix and item change nothing: same answers and first-step
     logits as transformers' own generate on each whole prompt."""
-    from hf_encore.evaluation.downstream import common_prefix_length, greedy_answers
+    from hf_encore.editing.tracing import common_prefix_length
+    from hf_encore.evaluation.downstream import greedy_answers
 
     assert common_prefix_length([[1, 2, 3], [1, 2, 4, 5], [1, 2]]) == 2
     task = TASKS["mmlu"]

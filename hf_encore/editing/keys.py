@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .requests import PreparedRequest
-from .tracing import ModelAccess, chunk_by_tokens, common_prefix_length, pad_right
+from .tracing import ModelAccess, chunk_by_tokens, own_tail_shared_length, pad_right
 
 
 @dataclass
@@ -41,10 +41,8 @@ def _prompt_groups(cut: list[list[int]], per: int) -> list[tuple[list[int], int]
     groups = []
     for j in range(per):
         members = list(range(j, len(cut), per))
-        n_shared = 0
-        if j > 0 and len(members) > 1:
-            n_shared = min(common_prefix_length([cut[i] for i in members]), min(len(cut[i]) for i in members) - 1)
-        groups.append((members, max(n_shared, 0)))
+        shares = j > 0 and len(members) > 1
+        groups.append((members, own_tail_shared_length([cut[i] for i in members]) if shares else 0))
     return groups
 
 

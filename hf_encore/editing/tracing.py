@@ -47,6 +47,12 @@ def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
     return n
 
 
+def own_tail_shared_length(seqs: Sequence[Sequence[int]]) -> int:
+    """Number of leading tokens every sequence shares, leaving each at least its last token of its own (the one a
+    continuation is read at)."""
+    return max(0, min(common_prefix_length(seqs), min(len(s) for s in seqs) - 1))
+
+
 def chunk_by_tokens(lengths: Sequence[int], budget: int) -> list[list[int]]:
     """Split indices 0..n-1, in order, into chunks whose padded size (count × longest) stays within ``budget``."""
     chunks, current, longest = [], [], 0

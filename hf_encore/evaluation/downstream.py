@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..editing.tracing import common_prefix_length
+from ..editing.tracing import own_tail_shared_length
 from .scoring import pad_token_id, score_continuations
 
 
@@ -127,7 +127,7 @@ def greedy_answers(model, tokenizer, prompts: Sequence[str], candidates: Sequenc
     from ..editing.tracing import cache_kwarg
 
     ids = [list(tokenizer(p)["input_ids"]) for p in prompts]
-    shared = min(common_prefix_length(ids), min(len(s) for s in ids) - 1)  # every item keeps ≥ 1 token of its own
+    shared = own_tail_shared_length(ids)
     device = next(model.parameters()).device
     kwarg = cache_kwarg(model)
     pad = pad_token_id(tokenizer)
