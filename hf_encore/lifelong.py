@@ -6,7 +6,8 @@
 For each method, ``<out>/<method>/`` holds the adapter (saved after every batch, so a stopped run continues where it
 stopped: run the same command again) and ``log.jsonl``: one ``batch`` record per batch (time, steps, ‖ΔW‖) and one
 ``eval`` record per evaluation point (downstream F1, perplexity, retained knowledge, norms, edit metrics of the facts
-edited so far). ``<out>/unedited.json`` holds the unedited model's figures; ``<out>/summary.md`` and the PNG plots
+edited so far); an evaluation stopped midway continues from the measures it finished (``eval-<n>.partial.json``).
+``<out>/unedited.json`` holds the unedited model's figures; ``<out>/summary.md`` and the PNG plots
 are rebuilt from the logs at the end.
 
 Edits come from ``--data`` (CounterFact, EasyEdit schema); the retained-knowledge probe comes from ``--probe-data``,
@@ -102,25 +103,52 @@ def _append(path: Path, record: dict[str, Any]) -> None:
 
 
 def evaluate_point(model, tokenizer, *, edited: Sequence[dict], probe: Sequence[dict], texts: Sequence[str],
-                   downstream_dir: Path, ev: EvalSettings, adapter: bool) -> dict[str, Any]:
-    """Every degradation measure, and the edit metrics of ``edited``, on the model as it is now."""
-    from .evaluation import counterfact_scores, downstream_scores, perplexity, retained_knowledge, weight_norms
+                   downstream_dir: Path, ev: EvalSettings, adapter: bool,
+                   checkpoint: Path | None = None) -> dict[str, Any]:
+    """Every degradation measure, and the edit metrics of ``edited``, on the model as it is now.
 
-    start = time.perf_counter()
+    With ``checkpoint``, each measure (each downstream task on its own) is written there as soon as it is done, and
+    a call that finds the file reuses what it holds: on a 0.5B model on a CPU one evaluation takes long enough for
+    a session to end in its middle. The file must describe this same model state; the caller keys it (see
+    :func:`run`). ``eval_seconds`` is the sum of the measures' own times, whichever call ran them.
+    """
+    from .evaluation import (counterfact_scores, evaluate_task, load_task, perplexity, retained_knowledge, task_means,
+                             weight_norms)
+    from .evaluation.downstream import TASKS
+
+    settings = json.loads(json.dumps(asdict(ev)))  # as the file holds them (lists, not tuples)
+    saved = json.loads(checkpoint.read_text()) if checkpoint and checkpoint.is_file() else {}
+    # Measures taken with other evaluation settings are not this evaluation's.
+    parts: dict[str, Any] = saved["parts"] if saved.get("evaluation") == settings else {}
+
+    def measure(name: str, compute) -> Any:
+        if name not in parts:
+            start = time.perf_counter()
+            parts[name] = {"value": compute(), "seconds": time.perf_counter() - start}
+            if checkpoint:
+                checkpoint.write_text(json.dumps({"evaluation": settings, "parts": parts}))
+        return parts[name]["value"]
+
     record: dict[str, Any] = {}
     if ev.downstream_tasks:
-        record["downstream"] = downstream_scores(model, tokenizer, downstream_dir, ev.downstream_tasks,
-                                                 n_shots=ev.downstream_shots, n_test=ev.downstream_items,
-                                                 progress=False)
-    record["perplexity"] = perplexity(model, tokenizer, texts, n_tokens=ev.perplexity_tokens)
-    record["retained_knowledge"] = retained_knowledge(model, tokenizer, probe) if probe else None
+        record["downstream"] = task_means({
+            name: measure(f"downstream/{name}", lambda name=name: evaluate_task(
+                model, tokenizer, TASKS[name], load_task(name, downstream_dir), n_shots=ev.downstream_shots,
+                n_test=ev.downstream_items))
+            for name in ev.downstream_tasks})
+    record["perplexity"] = measure("perplexity", lambda: perplexity(model, tokenizer, texts,
+                                                                    n_tokens=ev.perplexity_tokens))
+    record["retained_knowledge"] = measure("retained_knowledge", lambda: retained_knowledge(model, tokenizer, probe)
+                                           if probe else None)
     if edited:
-        scores = counterfact_scores(model, tokenizer, edited)
-        record["edit_metrics"] = {k: v for k, v in scores.items() if k != "per_case"}
-        record["edit_metrics"]["n"] = len(edited)
+        def edit_metrics():
+            scores = counterfact_scores(model, tokenizer, edited)
+            return {**{k: v for k, v in scores.items() if k != "per_case"}, "n": len(edited)}
+        record["edit_metrics"] = measure("edit_metrics", edit_metrics)
     if adapter:
         record["norms"] = {str(k): v for k, v in weight_norms(model).items()}
-    record["eval_seconds"] = time.perf_counter() - start
+    record["eval_part_seconds"] = {name: part["seconds"] for name, part in parts.items()}
+    record["eval_seconds"] = sum(record["eval_part_seconds"].values())
     return record
 
 
@@ -153,9 +181,11 @@ def run(settings: LifelongSettings, progress: bool = True) -> Path:
     unedited_file = out / "unedited.json"
     if not unedited_file.is_file():
         logger.info("Evaluating the unedited model")
+        partial = out / "unedited.partial.json"
         record = evaluate_point(base, tokenizer, edited=[], probe=probe, texts=texts, downstream_dir=downstream_dir,
-                                ev=ev, adapter=False)
+                                ev=ev, adapter=False, checkpoint=partial)
         unedited_file.write_text(json.dumps({"num_edits": 0, **record}, indent=1))
+        partial.unlink()
     del base
 
     for method in settings.methods:
@@ -178,6 +208,10 @@ def run(settings: LifelongSettings, progress: bool = True) -> Path:
         sample_rng = random.Random(settings.seed + 1)
         order = sample_rng.sample(range(settings.edits), settings.edits)  # fixed order: a prefix is the sample
 
+        def checkpoint(n_done: int) -> Path:
+            # Keyed by the number of edits: the adapter saved after that many edits is the model it measures.
+            return method_dir / f"eval-{n_done}.partial.json"
+
         def edited_sample(n_done: int) -> list[dict]:
             return [chosen[i] for i in order if i < n_done][: ev.edited_sample]
 
@@ -193,11 +227,13 @@ def run(settings: LifelongSettings, progress: bool = True) -> Path:
                         record["eval_seconds"] = time.perf_counter() - start
                     else:
                         record = evaluate_point(model, tokenizer, edited=edited_sample(done), probe=probe,
-                                                texts=texts, downstream_dir=downstream_dir, ev=ev, adapter=True)
+                                                texts=texts, downstream_dir=downstream_dir, ev=ev, adapter=True,
+                                                checkpoint=checkpoint(done))
                     record = {"kind": "eval", "method": method, "num_edits": done,
                               "elapsed_seconds": time.perf_counter() - started, **record}
                     _append(log_path, record)
                     log.append(record)
+                    checkpoint(done).unlink(missing_ok=True)
                     logger.info("%s after %d edits: %s", method, done, {k: record[k] for k in record
                                                                        if k in ("perplexity", "retained_knowledge")})
             if done >= settings.edits:

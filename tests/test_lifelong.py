@@ -37,6 +37,8 @@ def test_tiny_run_resumes_and_writes_logs_plots_and_summary(smollm2_dir, shared_
     assert last["edit_metrics"]["n"] == 6 and 0 <= last["edit_metrics"]["ES"] <= 1
     assert set(last["norms"]) == {"3", "4"} and all(v["norm_ratio"] > 0 for v in last["norms"].values())
     assert last["perplexity"] > 1 and last["retained_knowledge"] is not None
+    assert last["eval_seconds"] == pytest.approx(sum(last["eval_part_seconds"].values()))
+    assert not list(out.rglob("*.partial.json"))  # finished evaluations leave no checkpoint behind
     unedited = json.loads((out / "unedited.json").read_text())
     assert unedited["num_edits"] == 0 and "mean_f1" in unedited["downstream"]
     first = records[0]  # no edits yet: the unedited figures, not a second evaluation of the same model
@@ -63,3 +65,47 @@ def test_arguments_are_checked_before_anything_runs():
         parse_args(["--set", "norm_weight"])  # not KEY=VALUE
     settings, _ = parse_args(["--device", "cpu", "--set", "max_tokens_per_forward=32768", "--set", "layers=[4, 5]"])
     assert settings.device == "cpu" and settings.config == {"max_tokens_per_forward": 32768, "layers": [4, 5]}
+
+
+def test_an_interrupted_evaluation_continues_from_the_measures_it_finished(tmp_path, monkeypatch):
+    import hf_encore.evaluation as evaluation
+    from hf_encore.lifelong import evaluate_point
+
+    calls: list[str] = []
+
+    def fake(name, value):
+        def measure(*args, **kwargs):
+            calls.append(name)
+            return value
+        return measure
+
+    monkeypatch.setattr(evaluation, "load_task", lambda name, directory: [])
+    monkeypatch.setattr(evaluation, "evaluate_task", lambda model, tokenizer, task, items, **kw: (
+        calls.append(task.name) or {"f1": 0.5 if task.name == "sst2" else 0.25, "f1_likelihood": 0.5}))
+    monkeypatch.setattr(evaluation, "retained_knowledge", fake("retained", 0.75))
+    monkeypatch.setattr(evaluation, "counterfact_scores", fake("edits", {"ES": 1.0, "per_case": {}}))
+
+    def perplexity_stops(*args, **kwargs):
+        calls.append("perplexity")
+        raise KeyboardInterrupt  # the session ends here
+
+    monkeypatch.setattr(evaluation, "perplexity", perplexity_stops)
+    ev = EvalSettings(downstream_tasks=("sst2", "rte"))
+    checkpoint = tmp_path / "eval-100.partial.json"
+    kwargs = dict(edited=[{}], probe=[{}], texts=[], downstream_dir=tmp_path, adapter=False, checkpoint=checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_point(None, None, ev=ev, **kwargs)
+    assert calls == ["sst2", "rte", "perplexity"]
+
+    calls.clear()
+    monkeypatch.setattr(evaluation, "perplexity", fake("perplexity", 12.5))
+    record = evaluate_point(None, None, ev=ev, **kwargs)
+    assert calls == ["perplexity", "retained", "edits"]  # the two tasks came from the checkpoint
+    assert record["downstream"]["mean_f1"] == pytest.approx(0.375) and record["perplexity"] == 12.5
+    assert record["retained_knowledge"] == 0.75 and record["edit_metrics"] == {"ES": 1.0, "n": 1}
+    assert set(record["eval_part_seconds"]) == {"downstream/sst2", "downstream/rte", "perplexity",
+                                                "retained_knowledge", "edit_metrics"}
+
+    calls.clear()  # other settings: nothing in the checkpoint is theirs
+    evaluate_point(None, None, ev=EvalSettings(downstream_tasks=("sst2", "rte"), downstream_items=50), **kwargs)
+    assert calls == ["sst2", "rte", "perplexity", "retained", "edits"]

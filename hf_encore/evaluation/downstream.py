@@ -200,8 +200,14 @@ def evaluate_task(model, tokenizer, task: Task, items: Sequence[dict[str, Any]],
 def downstream_scores(model, tokenizer, directory: str | os.PathLike, tasks: Sequence[str] = tuple(TASKS), *,
                       n_shots: int = 4, n_test: int = 100, progress: bool = True) -> dict[str, Any]:
     """Every task's scores, and their means (``mean_f1``, ``mean_f1_likelihood``)."""
-    per_task = {name: evaluate_task(model, tokenizer, TASKS[name], load_task(name, directory), n_shots=n_shots,
-                                    n_test=n_test, progress=progress) for name in tasks}
+    return task_means({name: evaluate_task(model, tokenizer, TASKS[name], load_task(name, directory), n_shots=n_shots,
+                                           n_test=n_test, progress=progress) for name in tasks})
+
+
+def task_means(per_task: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``{"tasks": per_task, "mean_f1": …, "mean_f1_likelihood": …}`` from :func:`evaluate_task` results."""
+    if not per_task:
+        raise ValueError("no tasks")
     return {"tasks": per_task,
             "mean_f1": sum(t["f1"] for t in per_task.values()) / len(per_task),
             "mean_f1_likelihood": sum(t["f1_likelihood"] for t in per_task.values()) / len(per_task)}
