@@ -7,7 +7,8 @@ For each method, ``<out>/<method>/`` holds the adapter (saved after every batch,
 stopped: run the same command again) and ``log.jsonl``: one ``batch`` record per batch (time, steps, ‖ΔW‖) and one
 ``eval`` record per evaluation point (downstream F1, perplexity, retained knowledge, norms, edit metrics of the facts
 edited so far); an evaluation stopped midway continues from the measures it finished (``eval-<n>.partial.json``).
-``<out>/unedited.json`` holds the unedited model's figures; ``<out>/summary.md`` and the PNG plots
+A ``final`` record closes each method: edit metrics of every edited fact, and fluency (GE) of text sampled from
+the first edited facts' prompts. ``<out>/unedited.json`` holds the unedited model's figures (GE from the same prompts); ``<out>/summary.md`` and the PNG plots
 are rebuilt from the logs at the end.
 
 Edits come from ``--data`` (CounterFact, EasyEdit schema); the retained-knowledge probe comes from ``--probe-data``,
@@ -40,6 +41,7 @@ class EvalSettings:
     perplexity_tokens: int = 20_000
     known_facts: int = 200
     edited_sample: int = 500  # edit metrics on a fixed random sample of the facts edited so far
+    fluency_sample: int = 100  # at the end: fluency (GE) of text generated from this many edited facts' prompts
 
 
 @dataclass
@@ -152,6 +154,13 @@ def evaluate_point(model, tokenizer, *, edited: Sequence[dict], probe: Sequence[
     return record
 
 
+def fluency(model, tokenizer, prompts: Sequence[str]) -> float:
+    """GE (ALGORITHM.md §7): n-gram entropy of 100 tokens sampled (top-k 5, seeded) from each prompt, averaged."""
+    from .evaluation import generate, generation_entropy
+
+    return generation_entropy(generate(model, tokenizer, prompts, max_new_tokens=100))
+
+
 def run(settings: LifelongSettings, progress: bool = True) -> Path:
     """Run (or continue) the benchmark; returns the output directory."""
     from . import from_pretrained, get_encore_model
@@ -170,6 +179,10 @@ def run(settings: LifelongSettings, progress: bool = True) -> Path:
     chosen = [cases[i] for i in rng.sample(range(len(cases)), settings.edits)]
     texts = [t for t in ppl_path.read_text(encoding="utf-8").splitlines() if t.strip() and not t.strip().startswith("=")]
     ev = settings.evaluation
+    # One fixed order of the edits, the same for every method: the facts edited so far, in this order, give the
+    # evaluation sample (a prefix of it), and its first cases the fluency prompts.
+    order = random.Random(settings.seed + 1).sample(range(settings.edits), settings.edits)
+    fluency_prompts = [chosen[i]["prompt"].replace("{}", chosen[i]["subject"]) for i in order[: ev.fluency_sample]]
 
     base, tokenizer = load_model(settings.model, device=settings.device)
     probe_file = out / "probe_facts.json"
@@ -186,6 +199,11 @@ def run(settings: LifelongSettings, progress: bool = True) -> Path:
                                 ev=ev, adapter=False, checkpoint=partial)
         unedited_file.write_text(json.dumps({"num_edits": 0, **record}, indent=1))
         partial.unlink()
+    unedited = json.loads(unedited_file.read_text())
+    # Also for runs begun before fluency was measured, and for a run extended to more edits (other prompts).
+    if fluency_prompts and unedited.get("fluency_prompts") != fluency_prompts:
+        unedited.update(fluency=fluency(base, tokenizer, fluency_prompts), fluency_prompts=fluency_prompts)
+        unedited_file.write_text(json.dumps(unedited, indent=1))
     del base
 
     for method in settings.methods:
@@ -205,9 +223,6 @@ def run(settings: LifelongSettings, progress: bool = True) -> Path:
         # Records past the last saved adapter belong to work that was lost: drop them.
         log = [r for r in _read_log(log_path) if r["num_edits"] <= done]
         log_path.write_text("".join(json.dumps(r) + "\n" for r in log))
-        sample_rng = random.Random(settings.seed + 1)
-        order = sample_rng.sample(range(settings.edits), settings.edits)  # fixed order: a prefix is the sample
-
         def checkpoint(n_done: int) -> Path:
             # Keyed by the number of edits: the adapter saved after that many edits is the model it measures.
             return method_dir / f"eval-{n_done}.partial.json"
@@ -222,8 +237,9 @@ def run(settings: LifelongSettings, progress: bool = True) -> Path:
                     if done == 0:
                         # An adapter without edits is the base model: its figures are the unedited ones.
                         start = time.perf_counter()
-                        record = {**{k: v for k, v in json.loads(unedited_file.read_text()).items()
-                                     if k != "num_edits"}, "norms": {str(k): v for k, v in weight_norms(model).items()}}
+                        measures = ("downstream", "perplexity", "retained_knowledge")
+                        record = {**{k: v for k, v in json.loads(unedited_file.read_text()).items() if k in measures},
+                                  "norms": {str(k): v for k, v in weight_norms(model).items()}}
                         record["eval_seconds"] = time.perf_counter() - start
                     else:
                         record = evaluate_point(model, tokenizer, edited=edited_sample(done), probe=probe,
@@ -250,10 +266,16 @@ def run(settings: LifelongSettings, progress: bool = True) -> Path:
                       "layers": [asdict(layer) for layer in report.layers]}
             _append(log_path, record)
             log.append(record)
-        if not any(r["kind"] == "final" and r["num_edits"] == done for r in log):
+        final = next((r for r in log if r["kind"] == "final" and r["num_edits"] == done), None)
+        if final is None:
             scores = counterfact_scores(model, tokenizer, chosen)
-            _append(log_path, {"kind": "final", "method": method, "num_edits": done,
-                               "edit_metrics": {k: v for k, v in scores.items() if k != "per_case"}})
+            final = {"kind": "final", "method": method, "num_edits": done,
+                     "edit_metrics": {k: v for k, v in scores.items() if k != "per_case"}}
+            _append(log_path, final)
+        if fluency_prompts and "fluency" not in final:  # also for runs that finished before fluency was measured
+            final["fluency"] = fluency(model, tokenizer, fluency_prompts)
+            log_path.write_text("".join(json.dumps(r) + "\n" for r in log if r is not final)
+                                + json.dumps(final) + "\n")
         del model, base
     write_summary(out, settings.methods)
     return out
@@ -264,7 +286,7 @@ def write_summary(out: Path, methods: Sequence[str]) -> None:
     unedited = json.loads((out / "unedited.json").read_text())
     logs = {m: _read_log(out / m.replace("+", "_") / "log.jsonl") for m in methods}
     lines = ["| method | edits | downstream F1 | F1 (likelihood) | perplexity | retained | ES | PS | NS | S | "
-             "max ‖W‖/‖W₀‖ | s/edit |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "GE | max ‖W‖/‖W₀‖ | s/edit |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def row(name, record, seconds_per_edit=None):
         ds = record.get("downstream") or {}
@@ -274,6 +296,7 @@ def write_summary(out: Path, methods: Sequence[str]) -> None:
         return (f"| {name} | {record['num_edits']} | {fmt(ds.get('mean_f1'))} | {fmt(ds.get('mean_f1_likelihood'))} "
                 f"| {fmt(record.get('perplexity'), '{:.2f}')} | {fmt(record.get('retained_knowledge'))} "
                 f"| {fmt(em.get('ES'))} | {fmt(em.get('PS'))} | {fmt(em.get('NS'))} | {fmt(em.get('S'))} "
+                f"| {fmt(record.get('fluency'), '{:.3f}')} "
                 f"| {fmt(max((n['norm_ratio'] for n in norms.values()), default=None))} "
                 f"| {fmt(seconds_per_edit, '{:.2f}')} |")
 
@@ -368,6 +391,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[LifelongSettings, boo
     parser.add_argument("--perplexity-tokens", type=int, default=e.perplexity_tokens)
     parser.add_argument("--known-facts", type=int, default=e.known_facts)
     parser.add_argument("--edited-sample", type=int, default=e.edited_sample)
+    parser.add_argument("--fluency-sample", type=int, default=e.fluency_sample,
+                        help="edited facts whose prompts measure fluency at the end (0: none)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     from .cli import UsageError, parse_settings
@@ -383,7 +408,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[LifelongSettings, boo
         corpus=args.corpus, edits=args.edits, batch_size=args.batch_size, eval_every=args.eval_every,
         seed=args.seed, out=args.out, device=args.device, config=config,
         evaluation=EvalSettings(tuple(args.tasks), args.downstream_items, e.downstream_shots, args.perplexity_tokens,
-                                args.known_facts, args.edited_sample))
+                                args.known_facts, args.edited_sample, args.fluency_sample))
     for method in settings.methods:
         method_config(method, config)  # fail on a bad method or setting before anything runs
     return settings, not args.no_progress

@@ -15,12 +15,19 @@ def test_tiny_run_resumes_and_writes_logs_plots_and_summary(smollm2_dir, shared_
         model=str(smollm2_dir), methods=("encore",), edits=10, batch_size=5, eval_every=10, out=str(tmp_path / "run"),
         config={"layers": [3, 4], "stats_n_tokens": 2048, "v_num_grad_steps": 3, "n_context_templates": 2},
         evaluation=EvalSettings(downstream_tasks=("sst2",), downstream_items=4, downstream_shots=1,
-                                perplexity_tokens=256, known_facts=5, edited_sample=6))
+                                perplexity_tokens=256, known_facts=5, edited_sample=6,
+                                fluency_sample=3))
     out = run(settings, progress=False)
     log_path = out / "encore" / "log.jsonl"
     first = [json.loads(line) for line in log_path.read_text().splitlines()]
     assert [(r["kind"], r["num_edits"]) for r in first] == [
         ("eval", 0), ("batch", 5), ("batch", 10), ("eval", 10), ("final", 10)]
+    assert first[-1]["fluency"] > 0
+    # A run that finished before fluency was measured gets it when the command runs again, without new edits.
+    log_path.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "fluency"}) + "\n" for r in first))
+    run(settings, progress=False)
+    again = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert again[:-1] == first[:-1] and again[-1] == first[-1]  # seeded sampling: the same value again
     # A stop after work that was never saved: its records must not survive the restart.
     with open(log_path, "a") as f:
         f.write(json.dumps({"kind": "batch", "method": "encore", "num_edits": 15, "elapsed_seconds": 1.0}) + "\n")
@@ -41,6 +48,9 @@ def test_tiny_run_resumes_and_writes_logs_plots_and_summary(smollm2_dir, shared_
     assert not list(out.rglob("*.partial.json"))  # finished evaluations leave no checkpoint behind
     unedited = json.loads((out / "unedited.json").read_text())
     assert unedited["num_edits"] == 0 and "mean_f1" in unedited["downstream"]
+    # Fluency prompts: the first edited facts of the fixed order, which grew with the run; the unedited
+    # model's GE is from the same prompts as the final one.
+    assert len(unedited["fluency_prompts"]) == 3 and unedited["fluency"] > 0 and records[-1]["fluency"] > 0
     first = records[0]  # no edits yet: the unedited figures, not a second evaluation of the same model
     assert first["perplexity"] == unedited["perplexity"] and first["downstream"] == unedited["downstream"]
     assert all(v["norm_ratio"] == 1.0 and v["delta_norm"] == 0.0 for v in first["norms"].values())
