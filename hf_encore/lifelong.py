@@ -8,8 +8,8 @@ stopped: run the same command again) and ``log.jsonl``: one ``batch`` record per
 ``eval`` record per evaluation point (downstream F1, perplexity, retained knowledge, norms, edit metrics of the facts
 edited so far); an evaluation stopped midway continues from the measures it finished (``eval-<n>.partial.json``).
 A ``final`` record closes each method: edit metrics of every edited fact, and fluency (GE) of text sampled from
-the first edited facts' prompts. ``<out>/unedited.json`` holds the unedited model's figures (GE from the same prompts); ``<out>/summary.md`` and the PNG plots
-are rebuilt from the logs at the end.
+the first edited facts' prompts. ``<out>/unedited.json`` holds the unedited model's figures (GE from the same
+prompts); ``<out>/summary.md`` and the PNG plots are rebuilt from the logs at the end.
 
 Edits come from ``--data`` (CounterFact, EasyEdit schema); the retained-knowledge probe comes from ``--probe-data``,
 a disjoint file (by default counterfact-train), so no probed fact is ever edited.
