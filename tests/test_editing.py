@@ -243,3 +243,29 @@ def test_replay_from_prefix_states_matches_a_full_forward(smollm2, tokenizer):
         expected = full[0, split[row]:]
         got = replayed[row, : len(suffixes[row])]
         assert (got - expected).norm() < 1e-4 * expected.norm(), row
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_token_log_probs_match_autograd_of_the_full_logits(softcap):
+    from types import SimpleNamespace
+
+    from hf_encore.editing.tracing import ModelAccess
+
+    torch.manual_seed(0)
+    m, d, vocab = 7, 5, 11
+    unembedding = torch.nn.Linear(d, vocab, bias=True)
+    access = SimpleNamespace(unembedding=unembedding, softcap=softcap)
+    hidden = torch.randn(m, d, dtype=torch.float64, requires_grad=True)
+    unembedding.double()
+    labels = torch.randint(vocab, (m,))
+    upstream = torch.randn(m, dtype=torch.float64)
+
+    logits = ModelAccess.logits(access, hidden)
+    reference = logits.log_softmax(-1).gather(1, labels[:, None]).squeeze(1)
+    (grad_reference,) = torch.autograd.grad((reference * upstream).sum(), hidden)
+    # A budget of 2 rows of logits: the 7 rows go through the unembedding in 4 chunks.
+    log_p, argmax = ModelAccess.token_log_probs(access, hidden, labels, max_logits=2 * vocab + 1)
+    (grad,) = torch.autograd.grad((log_p * upstream).sum(), hidden)
+    torch.testing.assert_close(log_p, reference)  # both float32, as the logits are
+    torch.testing.assert_close(grad, grad_reference, rtol=1e-5, atol=1e-6)
+    assert torch.equal(argmax, logits.argmax(-1))

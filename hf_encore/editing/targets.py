@@ -198,13 +198,12 @@ def optimise_targets(
             tok_rows = row_of_seq[lay.tok_seq[tok]]
             tok_req = local_req[tok_rows]  # [m] local request index
             tok_d, tok_req_d = tok.to(device), tok_req.to(device)
-            logits = access.logits(final[tok_rows.to(device), tok_suffix_pos[tok_d]])  # [m, V]
-            log_probs = logits.log_softmax(-1)
             labels = tok_label[tok_d]
-            tok_logp = log_probs.gather(1, labels.unsqueeze(1)).squeeze(1)  # [m]
+            tok_logp, tok_argmax = access.token_log_probs(final[tok_rows.to(device), tok_suffix_pos[tok_d]],
+                                                          labels)  # [m], [m]
             tok_len = target_len[reqs_d[tok_req_d]].float()
             nll = torch.zeros(len(reqs), device=device).index_add(0, tok_req_d, -tok_logp / tok_len) / n_rewrite
-            argmax_ok = (logits.argmax(-1) == labels) | ~tok_checked[tok_d]
+            argmax_ok = (tok_argmax == labels) | ~tok_checked[tok_d]
             all_ok = torch.ones(len(reqs), device=device).scatter_reduce(0, tok_req_d, argmax_ok.float(), "amin")
 
             kl_rows = row_of_seq[lay.kl_seq[reqs_t]]
