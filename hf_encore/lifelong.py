@@ -223,9 +223,14 @@ def run(settings: LifelongSettings, progress: bool = True) -> Path:
         # Records past the last saved adapter belong to work that was lost: drop them.
         log = [r for r in _read_log(log_path) if r["num_edits"] <= done]
         log_path.write_text("".join(json.dumps(r) + "\n" for r in log))
+
         def checkpoint(n_done: int) -> Path:
             # Keyed by the number of edits: the adapter saved after that many edits is the model it measures.
             return method_dir / f"eval-{n_done}.partial.json"
+
+        for stale in method_dir.glob("eval-*.partial.json"):  # of other model states (e.g. a run begun afresh)
+            if stale != checkpoint(done):
+                stale.unlink()
 
         def edited_sample(n_done: int) -> list[dict]:
             return [chosen[i] for i in order if i < n_done][: ev.edited_sample]

@@ -32,8 +32,13 @@ def test_tiny_run_resumes_and_writes_logs_plots_and_summary(smollm2_dir, shared_
     with open(log_path, "a") as f:
         f.write(json.dumps({"kind": "batch", "method": "encore", "num_edits": 15, "elapsed_seconds": 1.0}) + "\n")
 
+    # A checkpoint of an evaluation whose model state is gone (past the saved adapter) must not be reused.
+    stale = out / "encore" / "eval-15.partial.json"
+    stale.write_text(json.dumps({"evaluation": {}, "parts": {}}))
+
     settings.edits = 20
     run(settings, progress=False)
+    assert not stale.exists()
     records = [json.loads(line) for line in log_path.read_text().splitlines()]
     assert [(r["kind"], r["num_edits"]) for r in records] == [
         ("eval", 0), ("batch", 5), ("batch", 10), ("eval", 10), ("final", 10), ("batch", 15), ("batch", 20),
