@@ -154,18 +154,11 @@ def evaluate_point(model, tokenizer, *, edited: Sequence[dict], probe: Sequence[
     return record
 
 
-def fluency(model, tokenizer, prompts: Sequence[str]) -> float:
-    """GE (ALGORITHM.md §7): n-gram entropy of 100 tokens sampled (top-k 5, seeded) from each prompt, averaged."""
-    from .evaluation import generate, generation_entropy
-
-    return generation_entropy(generate(model, tokenizer, prompts, max_new_tokens=100))
-
-
 def run(settings: LifelongSettings, progress: bool = True) -> Path:
     """Run (or continue) the benchmark; returns the output directory."""
     from . import from_pretrained, get_encore_model
     from .data import load_counterfact
-    from .evaluation import counterfact_scores, known_facts, weight_norms
+    from .evaluation import counterfact_scores, generated_fluency, known_facts, weight_norms
     from .models import load_model
 
     out = Path(settings.out)
@@ -202,7 +195,7 @@ def run(settings: LifelongSettings, progress: bool = True) -> Path:
     unedited = json.loads(unedited_file.read_text())
     # Also for runs begun before fluency was measured, and for a run extended to more edits (other prompts).
     if fluency_prompts and unedited.get("fluency_prompts") != fluency_prompts:
-        unedited.update(fluency=fluency(base, tokenizer, fluency_prompts), fluency_prompts=fluency_prompts)
+        unedited.update(fluency=generated_fluency(base, tokenizer, fluency_prompts), fluency_prompts=fluency_prompts)
         unedited_file.write_text(json.dumps(unedited, indent=1))
     del base
 
@@ -276,11 +269,12 @@ def run(settings: LifelongSettings, progress: bool = True) -> Path:
             scores = counterfact_scores(model, tokenizer, chosen)
             final = {"kind": "final", "method": method, "num_edits": done,
                      "edit_metrics": {k: v for k, v in scores.items() if k != "per_case"}}
+            if fluency_prompts:
+                final["fluency"] = generated_fluency(model, tokenizer, fluency_prompts)
             _append(log_path, final)
-        if fluency_prompts and "fluency" not in final:  # also for runs that finished before fluency was measured
-            final["fluency"] = fluency(model, tokenizer, fluency_prompts)
-            log_path.write_text("".join(json.dumps(r) + "\n" for r in log if r is not final)
-                                + json.dumps(final) + "\n")
+        elif fluency_prompts and "fluency" not in final:  # a run that finished before fluency was measured
+            final["fluency"] = generated_fluency(model, tokenizer, fluency_prompts)
+            log_path.write_text("".join(json.dumps(r) + "\n" for r in log))
         del model, base
     write_summary(out, settings.methods)
     return out

@@ -40,9 +40,15 @@ def counterfact_scores(model, tokenizer, cases: Sequence[dict[str, Any]], *, flu
         results["per_case"][name] = (p_wanted > p_unwanted).float().tolist()
     results["S"] = harmonic_mean([results["ES"], results["PS"], results["NS"]])
     if fluency:
-        prompts = [c["prompt"].replace("{}", c["subject"]) for c in cases]
-        results["GE"] = generation_entropy(generate(model, tokenizer, prompts, fluency_tokens))
+        results["GE"] = generated_fluency(model, tokenizer, [c["prompt"].replace("{}", c["subject"]) for c in cases],
+                                          fluency_tokens)
     return results
+
+
+def generated_fluency(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 100) -> float:
+    """GE (ALGORITHM.md §7): n-gram entropy of ``max_new_tokens`` tokens sampled (top-k 5, seeded) from each
+    prompt, averaged over the prompts."""
+    return generation_entropy(generate(model, tokenizer, prompts, max_new_tokens))
 
 
 def ngram_entropy(tokens: Sequence[str], n: int) -> float:
