@@ -104,6 +104,17 @@ def test_same_requests_give_identical_deltas(edited, smollm2, tokenizer, corpus_
     assert all(torch.equal(again[k], first[k]) for k in first)
 
 
+def test_token_budget_changes_memory_not_results(edited, smollm2, tokenizer, corpus_path, cases):
+    """max_tokens_per_forward only splits the passes (benchmarks/memory.py measures what it saves): the smallest
+    budget, below one request's prompts, gives the default budget's z-steps and deltas up to float rounding."""
+    model = get_encore_model(smollm2, EncoreConfig(method="memit", max_tokens_per_forward=64), tokenizer=tokenizer,
+                             corpus=corpus_path)
+    report = model.edit(edit_requests(cases), progress=False)
+    small, default = deltas(model), edited["memit"]["deltas"]
+    assert [r.steps for r in report.requests] == [r.steps for r in edited["memit"]["report"].requests]
+    assert all((small[k] - default[k]).norm() < 1e-4 * default[k].norm() for k in default)
+
+
 def assert_key_pass_matches_whole_prompts(model, tokenizer, cases, first_layer, key_layers, output_layer):
     """Keys read from prompts cut after the subject, their context template's tokens run once per template, and
     replayed from the first edited block equal keys from a full forward of each whole prompt through the model."""

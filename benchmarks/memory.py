@@ -1,0 +1,105 @@
+"""Peak memory of one edit batch, per token budget of a forward pass. Prints figures, writes JSON.
+
+    python benchmarks/memory.py --model gemma-3-270m --method memit --requests 100 --max-tokens 4096 1024 \\
+        --out docs/results/memory-gemma-3-270m.json
+
+Each budget is measured in a fresh Python process, since a process's peak resident set size (the figure that
+decides whether a run fits in RAM on a CPU machine) cannot be reset; on CUDA the peak of allocated device memory
+is reported too. The z-optimisation holds the most memory, and its first step the most of all (every request is
+still active, and MEMIT has no early stop to thin the batch), so ``--z-steps 3`` keeps the measurement short
+without lowering the peak. ``peak_rss_before_edit_gb`` is the process after loading the model and building the
+adapter; the edit's own share is the difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from hf_encore import EncoreConfig, get_encore_model, load_model
+from hf_encore.cli import parse_settings
+from hf_encore.data import data_dir, load_counterfact
+
+FIRST_CASE = 2000  # counterfact-train cases from here on: the sweep's pool, never the reported edits
+
+
+def peak_rss_gb() -> float:
+    # ru_maxrss is in KiB on Linux (bytes on macOS).
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1e9
+
+
+def measure(model_name: str, method: str, n_requests: int, max_tokens: int, z_steps: int, stats_tokens: int,
+            device: str, overrides: dict) -> dict:
+    """One edit batch in this process; its figures."""
+    torch.manual_seed(0)
+    base, tokenizer = load_model(model_name, device=device)
+    cases = load_counterfact(data_dir() / "counterfact" / "counterfact-train.json")
+    cases = cases[FIRST_CASE: FIRST_CASE + n_requests]
+    if len(cases) < n_requests:
+        raise SystemExit(f"counterfact-train.json has {len(cases)} cases from {FIRST_CASE} on, not {n_requests}")
+    config = EncoreConfig(method=method, v_num_grad_steps=z_steps, stats_n_tokens=stats_tokens,
+                          max_tokens_per_forward=max_tokens, **overrides)
+    model = get_encore_model(base, config, tokenizer=tokenizer, corpus=data_dir() / "corpus" / "wikitext-2-valid.txt")
+    before = peak_rss_gb()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    report = model.edit([{k: c[k] for k in ("prompt", "subject", "target_new")} for c in cases], progress=False)
+    result = {"max_tokens_per_forward": max_tokens, "peak_rss_before_edit_gb": before, "peak_rss_gb": peak_rss_gb(),
+              "seconds": time.perf_counter() - start, "z_steps": sum(r.steps for r in report.requests)}
+    if device.startswith("cuda"):
+        result["cuda_peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--method", default="memit")
+    p.add_argument("--requests", type=int, default=100)
+    p.add_argument("--max-tokens", type=int, nargs="+", default=[4096], help="token budgets to measure")
+    p.add_argument("--z-steps", type=int, default=3)
+    p.add_argument("--stats-tokens", type=int, default=2048, help="statistics text (only its time, not the peak)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="other EncoreConfig settings")
+    p.add_argument("--out", type=Path, default=Path("memory.json"))
+    p.add_argument("--child", type=int, help=argparse.SUPPRESS)  # one budget, measured in this process
+    args = p.parse_args()
+    overrides = parse_settings(args.set)
+    if args.child is not None:
+        print(json.dumps(measure(args.model, args.method, args.requests, args.child, args.z_steps,
+                                 args.stats_tokens, args.device, overrides)))
+        return
+
+    runs = []
+    for budget in args.max_tokens:
+        command = [sys.executable, __file__, *sys.argv[1:], "--child", str(budget)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"the measurement at max_tokens_per_forward={budget} failed:\n{done.stderr[-3000:]}")
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        r = runs[-1]
+        print(f"max_tokens_per_forward {budget}: peak RSS {r['peak_rss_gb']:.2f} GB "
+              f"({r['peak_rss_before_edit_gb']:.2f} before the edit), {r['seconds']:.1f} s, {r['z_steps']} z-steps"
+              + (f", CUDA peak {r['cuda_peak_allocated_gb']:.2f} GB" if "cuda_peak_allocated_gb" in r else ""),
+              flush=True)
+    results = {"command": " ".join(["python", "benchmarks/memory.py", *sys.argv[1:]]),
+               "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}, "
+                          f"{torch.get_num_threads()} threads",
+               "model": args.model, "method": args.method, "requests": args.requests, "z_step_budget": args.z_steps,
+               "runs": runs}
+    args.out.write_text(json.dumps(results, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
