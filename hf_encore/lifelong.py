@@ -98,6 +98,10 @@ def _read_log(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def _write_log(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+
+
 def _append(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
@@ -215,7 +219,7 @@ def run(settings: LifelongSettings, progress: bool = True) -> Path:
             done = 0
         # Records past the last saved adapter belong to work that was lost: drop them.
         log = [r for r in _read_log(log_path) if r["num_edits"] <= done]
-        log_path.write_text("".join(json.dumps(r) + "\n" for r in log))
+        _write_log(log_path, log)
 
         def checkpoint(n_done: int) -> Path:
             # Keyed by the number of edits: the adapter saved after that many edits is the model it measures.
@@ -274,7 +278,7 @@ def run(settings: LifelongSettings, progress: bool = True) -> Path:
             _append(log_path, final)
         elif fluency_prompts and "fluency" not in final:  # a run that finished before fluency was measured
             final["fluency"] = generated_fluency(model, tokenizer, fluency_prompts)
-            log_path.write_text("".join(json.dumps(r) + "\n" for r in log))
+            _write_log(log_path, log)
         del model, base
     write_summary(out, settings.methods)
     return out

@@ -91,6 +91,16 @@ def cache_kwarg(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
+def unembed(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            softcap: float | None) -> torch.Tensor:
+    """Float32 logits [..., V] from final hidden states [..., d] (after the model's final norm), with the model's
+    logit softcap (softcap·tanh(z/softcap)) where it has one."""
+    logits = nn.functional.linear(hidden.to(weight.dtype), weight, bias)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits.float()
+
+
 class _TokenLogProb(torch.autograd.Function):
     """log p(label | h) per row, and the argmax. Its gradient in h is a [d] vector per row — Wᵀ(e_label − softmax),
     times tanh' under a logit softcap — so the forward pass computes it chunk by chunk and keeps only that [m, d]
@@ -107,16 +117,16 @@ class _TokenLogProb(torch.autograd.Function):
         for start in range(0, m, rows):
             end = min(m, start + rows)
             label = labels[start:end, None]
-            z = nn.functional.linear(hidden[start:end].to(weight.dtype), weight, bias)
-            capped = torch.tanh(z / softcap) if softcap else None
-            logits = (capped * softcap if softcap else z).float()  # [rows, V]
+            logits = unembed(hidden[start:end], weight, bias, softcap)  # [rows, V]
             lse = logits.logsumexp(-1, keepdim=True)
             log_p[start:end] = (logits.gather(1, label) - lse).squeeze(1)
             argmax[start:end] = logits.argmax(-1)
             if jacobian is not None:
+                # d(softcap·tanh(z/softcap))/dz = 1 − tanh², read back from the capped logits.
+                slope = 1 - (logits / softcap) ** 2 if softcap else None
                 grad = logits.sub_(lse).exp_().neg_().scatter_add_(1, label, torch.ones_like(label, dtype=logits.dtype))
-                if softcap:
-                    grad.mul_(1 - capped.float() ** 2)
+                if slope is not None:
+                    grad.mul_(slope)
                 jacobian[start:end] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
         ctx.mark_non_differentiable(argmax)
         ctx.save_for_backward(jacobian)
@@ -164,11 +174,7 @@ class ModelAccess:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [..., V] from final hidden states [..., d] (after the model's final norm)."""
-        weight = self.unembedding.weight
-        logits = nn.functional.linear(hidden.to(weight.dtype), weight, getattr(self.unembedding, "bias", None))
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits.float()
+        return unembed(hidden, self.unembedding.weight, getattr(self.unembedding, "bias", None), self.softcap)
 
     def token_log_probs(self, hidden: torch.Tensor, labels: torch.Tensor,
                         max_logits: int = 1 << 25) -> tuple[torch.Tensor, torch.Tensor]:
