@@ -1,14 +1,18 @@
-"""Peak memory of one edit batch, per token budget of a forward pass. Prints figures, writes JSON.
+"""Peak memory of one edit batch, or of one perplexity evaluation, per token budget of a forward pass. Prints
+figures, writes JSON.
 
     python benchmarks/memory.py --model gemma-3-270m --method memit --requests 100 --max-tokens 4096 1024 \\
         --out docs/results/memory-gemma-3-270m.json
+    python benchmarks/memory.py --part perplexity --model gemma-3-270m --max-tokens 4096 1024 \\
+        --out docs/results/memory-perplexity-gemma-3-270m.json
 
 Each budget is measured in a fresh Python process, since a process's peak resident set size (the figure that
 decides whether a run fits in RAM on a CPU machine) cannot be reset; on CUDA the peak of allocated device memory
 is reported too. The z-optimisation holds the most memory, and its first step the most of all (every request is
 still active, and MEMIT has no early stop to thin the batch), so ``--z-steps 3`` keeps the measurement short
 without lowering the peak. ``peak_rss_before_edit_gb`` is the process after loading the model and building the
-adapter; the edit's own share is the difference.
+adapter; the edit's own share is the difference. ``--part perplexity`` measures the lifelong benchmark's
+perplexity (held-out WikiText-2 test text, ``--perplexity-tokens`` tokens) on the unedited model instead.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 from hf_encore import EncoreConfig, get_encore_model, load_model
 from hf_encore.cli import parse_settings
 from hf_encore.data import data_dir, load_counterfact
+from hf_encore.evaluation import perplexity
 
 FIRST_CASE = 2000  # counterfact-train cases from here on: the sweep's pool, never the reported edits
 
@@ -37,8 +42,8 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1e9
 
 
-def measure(model_name: str, method: str, n_requests: int, max_tokens: int, z_steps: int, stats_tokens: int,
-            device: str, overrides: dict) -> dict:
+def measure_edit(model_name: str, method: str, n_requests: int, max_tokens: int, z_steps: int, stats_tokens: int,
+                 device: str, overrides: dict) -> dict:
     """One edit batch in this process; its figures."""
     torch.manual_seed(0)
     base, tokenizer = load_model(model_name, device=device)
@@ -61,14 +66,33 @@ def measure(model_name: str, method: str, n_requests: int, max_tokens: int, z_st
     return result
 
 
+def measure_perplexity(model_name: str, max_tokens: int, n_tokens: int, device: str) -> dict:
+    """One perplexity evaluation, as the lifelong benchmark runs it, in this process; its figures."""
+    base, tokenizer = load_model(model_name, device=device)
+    path = data_dir() / "corpus" / "wikitext-2-test.txt"
+    texts = [t for t in path.read_text(encoding="utf-8").splitlines() if t.strip() and not t.strip().startswith("=")]
+    before = peak_rss_gb()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    value = perplexity(base, tokenizer, texts, n_tokens=n_tokens, max_tokens=max_tokens)
+    result = {"max_tokens_per_forward": max_tokens, "peak_rss_before_gb": before, "peak_rss_gb": peak_rss_gb(),
+              "seconds": time.perf_counter() - start, "perplexity": value, "tokens": n_tokens}
+    if device.startswith("cuda"):
+        result["cuda_peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--part", choices=["edit", "perplexity"], default="edit")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--method", default="memit")
     p.add_argument("--requests", type=int, default=100)
     p.add_argument("--max-tokens", type=int, nargs="+", default=[4096], help="token budgets to measure")
     p.add_argument("--z-steps", type=int, default=3)
     p.add_argument("--stats-tokens", type=int, default=2048, help="statistics text (only its time, not the peak)")
+    p.add_argument("--perplexity-tokens", type=int, default=20_000, help="held-out tokens (--part perplexity)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="other EncoreConfig settings")
     p.add_argument("--out", type=Path, default=Path("memory.json"))
@@ -76,8 +100,12 @@ def main() -> None:
     args = p.parse_args()
     overrides = parse_settings(args.set)
     if args.child is not None:
-        print(json.dumps(measure(args.model, args.method, args.requests, args.child, args.z_steps,
-                                 args.stats_tokens, args.device, overrides)))
+        if args.part == "edit":
+            result = measure_edit(args.model, args.method, args.requests, args.child, args.z_steps,
+                                  args.stats_tokens, args.device, overrides)
+        else:
+            result = measure_perplexity(args.model, args.child, args.perplexity_tokens, args.device)
+        print(json.dumps(result))
         return
 
     runs = []
@@ -88,15 +116,17 @@ def main() -> None:
             sys.exit(f"the measurement at max_tokens_per_forward={budget} failed:\n{done.stderr[-3000:]}")
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
         r = runs[-1]
-        print(f"max_tokens_per_forward {budget}: peak RSS {r['peak_rss_gb']:.2f} GB "
-              f"({r['peak_rss_before_edit_gb']:.2f} before the edit), {r['seconds']:.1f} s, {r['z_steps']} z-steps"
+        what = (f"({r['peak_rss_before_edit_gb']:.2f} before the edit), {r['z_steps']} z-steps" if args.part == "edit"
+                else f"({r['peak_rss_before_gb']:.2f} before), perplexity {r['perplexity']:.4f}")
+        print(f"max_tokens_per_forward {budget}: peak RSS {r['peak_rss_gb']:.2f} GB {what}, {r['seconds']:.1f} s"
               + (f", CUDA peak {r['cuda_peak_allocated_gb']:.2f} GB" if "cuda_peak_allocated_gb" in r else ""),
               flush=True)
     results = {"command": " ".join(["python", "benchmarks/memory.py", *sys.argv[1:]]),
                "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}, "
                           f"{torch.get_num_threads()} threads",
-               "model": args.model, "method": args.method, "requests": args.requests, "z_step_budget": args.z_steps,
-               "runs": runs}
+               "model": args.model, "part": args.part, "runs": runs,
+               **({"method": args.method, "requests": args.requests, "z_step_budget": args.z_steps}
+                  if args.part == "edit" else {"perplexity_tokens": args.perplexity_tokens})}
     args.out.write_text(json.dumps(results, indent=1))
     print(f"wrote {args.out}")
 

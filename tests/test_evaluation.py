@@ -32,14 +32,25 @@ def bos_tokenizer():
 
 
 class Bigram(torch.nn.Module):
-    """logits[t] = table[token t]: the next-token distribution depends on the current token only."""
+    """logits[t] = table[token t]: the next-token distribution depends on the current token only. Seen as a causal
+    LM's decoder and unembedding: the final hidden state is the one-hot current token and the unembedding tableᵀ."""
 
     def __init__(self, table: torch.Tensor):
         super().__init__()
         self.table = torch.nn.Parameter(table, requires_grad=False)
+        self.config = SimpleNamespace()
 
     def forward(self, input_ids, attention_mask=None, **kwargs):
         return SimpleNamespace(logits=self.table[input_ids])
+
+    @property
+    def base_model(self):
+        def decoder(input_ids, **kwargs):
+            return SimpleNamespace(last_hidden_state=torch.nn.functional.one_hot(input_ids, len(self.table)).float())
+        return decoder
+
+    def get_output_embeddings(self):
+        return SimpleNamespace(weight=self.table.T, bias=None)
 
 
 def bigram(transitions: dict[str, dict[str, float]]) -> Bigram:
@@ -142,19 +153,46 @@ def test_perplexity_matches_the_bigram_table(bos_tokenizer):
     assert ppl == pytest.approx(math.exp(nll), rel=1e-5)
 
 
-def test_perplexity_passes_are_bounded_by_the_vocabulary(bos_tokenizer, monkeypatch):
-    """On a large vocabulary every position's logits take memory: fewer tokens go in one pass, same result."""
-    from hf_encore.evaluation import degradation
+def test_perplexity_bounds_tokens_per_pass_and_logits_held(bos_tokenizer, monkeypatch):
+    """Fewer tokens per decoder pass, and the unembedding in chunks of a few rows: the same perplexity, and no chunk
+    holds more logits than allowed (on Gemma-3's 262k vocabulary a pass's full logits would take GiBs)."""
+    from hf_encore.editing import tracing
 
     model = bigram(MODEL)
     texts = ["a b a b " * 20]
     expected = perplexity(model, bos_tokenizer, texts, n_tokens=200, seq_len=8)
-    seen = []
-    forward = model.forward
-    model.forward = lambda input_ids, **kw: (seen.append(input_ids.numel()), forward(input_ids, **kw))[1]
-    monkeypatch.setattr(degradation, "LOGITS_PER_PASS", 16 * len(bos_tokenizer))  # logits of 16 tokens
-    assert perplexity(model, bos_tokenizer, texts, n_tokens=200, seq_len=8) == pytest.approx(expected, rel=1e-6)
-    assert len(seen) > 1 and max(seen) <= 16
+    logits_held = []
+    unembed = tracing.unembed
+    monkeypatch.setattr(tracing, "unembed", lambda h, *a: (logits_held.append(h.shape[0] * len(WORDS)),
+                                                           unembed(h, *a))[1])
+    ppl = perplexity(model, bos_tokenizer, texts, n_tokens=200, seq_len=8, max_tokens=16, max_logits=3 * len(WORDS))
+    assert ppl == pytest.approx(expected, rel=1e-6)
+    assert len(logits_held) > 20 and max(logits_held) == 3 * len(WORDS)
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_perplexity_equals_the_full_logits_cross_entropy_of_a_real_decoder(bos_tokenizer, softcap):
+    """On a (tiny, random) Gemma-3 — final norm, logit softcap — the NLL from final hidden states through the
+    chunked unembedding is the cross-entropy of the model's own logits."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, initializer_range=0.5,
+                              final_logit_softcapping=softcap, pad_token_id=ID["<pad>"])
+    model = Gemma3ForCausalLM(config).eval()
+    texts = ["the capital of france is paris a b", "new york city is a b a"]
+    ppl = perplexity(model, bos_tokenizer, texts, n_tokens=200, seq_len=6, max_logits=2 * len(WORDS))
+    nll, count = 0.0, 0
+    for text in texts:  # each 6-token piece of each text alone, unpadded, through the model's own logits
+        ids = bos_tokenizer(text)["input_ids"]
+        for piece in (torch.tensor([ids[s: s + 6]]) for s in range(0, len(ids), 6) if len(ids[s: s + 6]) > 1):
+            with torch.no_grad():
+                logits = model(input_ids=piece).logits[0, :-1]
+            nll += torch.nn.functional.cross_entropy(logits, piece[0, 1:], reduction="sum").item()
+            count += piece.shape[1] - 1
+    assert ppl == pytest.approx(math.exp(nll / count), rel=1e-5)
+    assert ppl > 1.5  # a random model: far from certain, so a wrong position or label would show
 
 
 def test_ngram_entropy_and_fluency():

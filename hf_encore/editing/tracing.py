@@ -87,8 +87,16 @@ class PrefixStates:
 def cache_kwarg(model: nn.Module) -> str:
     """The name a model's forward takes its cache under: transformers 5 renames ``past_key_values`` to ``cache``
     (the old name goes in 5.40). Wrappers (PEFT) are looked through to the model they wrap."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = causal_lm(model)
     return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The causal LM inside a PEFT wrapper (its target layers wrapped in place), or ``model`` itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+MAX_LOGITS = 1 << 25  # logit values one unembedding chunk may hold (128 MiB in float32)
 
 
 def unembed(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -138,6 +146,16 @@ class _TokenLogProb(torch.autograd.Function):
         return grad_log_p[:, None].to(jacobian.dtype) * jacobian, None, None, None, None, None
 
 
+def token_log_probs(hidden: torch.Tensor, labels: torch.Tensor, unembedding: nn.Module, softcap: float | None,
+                    max_logits: int = MAX_LOGITS) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(label) [m] (float32, differentiable in ``hidden``) and the argmax token [m] at final hidden states
+    ``hidden`` [m, d] (after the final norm), without holding an [m, V] tensor: rows go through the unembedding
+    in chunks of at most ``max_logits`` logits."""
+    weight = unembedding.weight
+    rows = max(1, max_logits // weight.shape[0])
+    return _TokenLogProb.apply(hidden, weight.detach(), getattr(unembedding, "bias", None), labels, softcap, rows)
+
+
 class ModelAccess:
     """The pieces of a causal LM that editing reads and steers."""
 
@@ -177,14 +195,9 @@ class ModelAccess:
         return unembed(hidden, self.unembedding.weight, getattr(self.unembedding, "bias", None), self.softcap)
 
     def token_log_probs(self, hidden: torch.Tensor, labels: torch.Tensor,
-                        max_logits: int = 1 << 25) -> tuple[torch.Tensor, torch.Tensor]:
-        """log p(label) [m] (float32, differentiable in ``hidden``) and the argmax token [m] at final hidden states
-        ``hidden`` [m, d] (after the final norm), without holding an [m, V] tensor: rows go through the
-        unembedding in chunks of at most ``max_logits`` logits."""
-        weight = self.unembedding.weight
-        rows = max(1, max_logits // weight.shape[0])
-        return _TokenLogProb.apply(hidden, weight.detach(), getattr(self.unembedding, "bias", None), labels,
-                                   self.softcap, rows)
+                        max_logits: int = MAX_LOGITS) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`token_log_probs` through this model's unembedding and logit softcap."""
+        return token_log_probs(hidden, labels, self.unembedding, self.softcap, max_logits)
 
     def trace(
         self,

@@ -11,32 +11,34 @@ import torch
 from tqdm.auto import tqdm
 
 from ..editing.stats import packed_chunks
-from ..editing.tracing import ModelAccess, chunk_by_tokens, pad_right
+from ..editing.tracing import MAX_LOGITS, ModelAccess, causal_lm, chunk_by_tokens, pad_right, token_log_probs
 from ..layer import Linear
 from .scoring import pad_token_id, score_continuations
 
 
-LOGITS_PER_PASS = 2**28  # logit values one perplexity pass may hold (1 GiB in float32)
-
-
 @torch.no_grad()
 def perplexity(model, tokenizer, texts: Sequence[str], *, n_tokens: int = 20_000, seq_len: int = 256,
-               max_tokens: int = 4096, progress: bool = False) -> float:
-    """exp(mean next-token NLL) over the first ``n_tokens`` tokens of ``texts``, in chunks of ``seq_len``."""
+               max_tokens: int = 4096, max_logits: int = MAX_LOGITS, progress: bool = False) -> float:
+    """exp(mean next-token NLL) over the first ``n_tokens`` tokens of ``texts``, in chunks of ``seq_len``.
+
+    ``max_tokens`` bounds the tokens of one decoder pass, ``max_logits`` the logits held at once: the NLL comes
+    from the final hidden states through the unembedding in chunks, since a pass's full logits on a 262k
+    vocabulary (Gemma-3) would take 1 GiB per 1,024 tokens, with copies.
+    """
     chunks = packed_chunks(tokenizer, texts, n_tokens, seq_len)
-    device = next(model.parameters()).device
-    # Every position's logits are materialised (and copied by the loss): on a 262k vocabulary (Gemma-3) 4096
-    # tokens of them take 4 GiB each, so the vocabulary bounds the tokens per pass too.
-    max_tokens = max(seq_len, min(max_tokens, LOGITS_PER_PASS // max(1, len(tokenizer))))
+    lm = causal_lm(model)
+    decoder, unembedding = lm.base_model, lm.get_output_embeddings()
+    softcap = getattr(lm.config, "final_logit_softcapping", None)
+    device = unembedding.weight.device
     total_nll, count = 0.0, 0
     for group in tqdm(chunk_by_tokens([len(c) for c in chunks], max_tokens), desc="perplexity",
                       disable=not progress, leave=False):
         ids, mask = pad_right([chunks[i] for i in group], pad_token_id(tokenizer))
         ids, mask = ids.to(device), mask.to(device)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1]  # [B, T-1, d]
         real = mask[:, 1:].bool()
-        total_nll += float(nll[real].sum())
+        log_p, _ = token_log_probs(hidden[real], ids[:, 1:][real], unembedding, softcap, max_logits)
+        total_nll -= float(log_p.double().sum())
         count += int(real.sum())
     return math.exp(total_nll / count)
 
