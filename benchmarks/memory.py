@@ -5,6 +5,7 @@ figures, writes JSON.
         --out docs/results/memory-gemma-3-270m.json
     python benchmarks/memory.py --part perplexity --model gemma-3-270m --max-tokens 4096 1024 \\
         --out docs/results/memory-perplexity-gemma-3-270m.json
+    python benchmarks/memory.py --part evaluation --model gemma-3-270m --out docs/results/memory-evaluation-gemma-3-270m.json
 
 Each budget is measured in a fresh Python process, since a process's peak resident set size (the figure that
 decides whether a run fits in RAM on a CPU machine) cannot be reset; on CUDA the peak of allocated device memory
@@ -12,7 +13,10 @@ is reported too. The z-optimisation holds the most memory, and its first step th
 still active, and MEMIT has no early stop to thin the batch), so ``--z-steps 3`` keeps the measurement short
 without lowering the peak. ``peak_rss_before_edit_gb`` is the process after loading the model and building the
 adapter; the edit's own share is the difference. ``--part perplexity`` measures the lifelong benchmark's
-perplexity (held-out WikiText-2 test text, ``--perplexity-tokens`` tokens) on the unedited model instead.
+perplexity (held-out WikiText-2 test text, ``--perplexity-tokens`` tokens) on the unedited model instead, and
+``--part evaluation`` one whole evaluation point of that benchmark with its default settings (the known-fact
+probe chosen first; six downstream tasks, perplexity, retained knowledge, edit metrics of 500 counterfact-edit
+cases) with the package's default token budgets: ``--max-tokens`` does not apply to it.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -31,7 +36,8 @@ import torch
 from hf_encore import EncoreConfig, get_encore_model, load_model
 from hf_encore.cli import parse_settings
 from hf_encore.data import data_dir, load_counterfact
-from hf_encore.evaluation import perplexity
+from hf_encore.evaluation import known_facts, perplexity
+from hf_encore.lifelong import EvalSettings, evaluate_point
 
 FIRST_CASE = 2000  # counterfact-train cases from here on: the sweep's pool, never the reported edits
 
@@ -83,9 +89,32 @@ def measure_perplexity(model_name: str, max_tokens: int, n_tokens: int, device: 
     return result
 
 
+def measure_evaluation(model_name: str, device: str) -> dict:
+    """One evaluation point of the lifelong benchmark (default settings, unedited model) in this process."""
+    base, tokenizer = load_model(model_name, device=device)
+    root = data_dir()
+    path = root / "corpus" / "wikitext-2-test.txt"
+    texts = [t for t in path.read_text(encoding="utf-8").splitlines() if t.strip() and not t.strip().startswith("=")]
+    ev = EvalSettings()
+    edited = load_counterfact(root / "counterfact" / "counterfact-edit.json")[: ev.edited_sample]
+    before = peak_rss_gb()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    probe = known_facts(base, tokenizer, load_counterfact(root / "counterfact" / "counterfact-train.json"),
+                        ev.known_facts)
+    record = evaluate_point(base, tokenizer, edited=edited, probe=probe, texts=texts,
+                            downstream_dir=root / "downstream", ev=ev, adapter=False)
+    result = {"peak_rss_before_gb": before, "peak_rss_gb": peak_rss_gb(), "seconds": time.perf_counter() - start,
+              "perplexity": record["perplexity"], "part_seconds": record["eval_part_seconds"]}
+    if device.startswith("cuda"):
+        result["cuda_peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--part", choices=["edit", "perplexity"], default="edit")
+    p.add_argument("--part", choices=["edit", "perplexity", "evaluation"], default="edit")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--method", default="memit")
     p.add_argument("--requests", type=int, default=100)
@@ -103,13 +132,15 @@ def main() -> None:
         if args.part == "edit":
             result = measure_edit(args.model, args.method, args.requests, args.child, args.z_steps,
                                   args.stats_tokens, args.device, overrides)
-        else:
+        elif args.part == "perplexity":
             result = measure_perplexity(args.model, args.child, args.perplexity_tokens, args.device)
+        else:
+            result = measure_evaluation(args.model, args.device)
         print(json.dumps(result))
         return
 
     runs = []
-    for budget in args.max_tokens:
+    for budget in args.max_tokens if args.part != "evaluation" else [4096]:  # the package's default budget
         command = [sys.executable, __file__, *sys.argv[1:], "--child", str(budget)]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
@@ -125,8 +156,9 @@ def main() -> None:
                "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}, "
                           f"{torch.get_num_threads()} threads",
                "model": args.model, "part": args.part, "runs": runs,
-               **({"method": args.method, "requests": args.requests, "z_step_budget": args.z_steps}
-                  if args.part == "edit" else {"perplexity_tokens": args.perplexity_tokens})}
+               **{"edit": {"method": args.method, "requests": args.requests, "z_step_budget": args.z_steps},
+                  "perplexity": {"perplexity_tokens": args.perplexity_tokens},
+                  "evaluation": {"evaluation": asdict(EvalSettings())}}[args.part]}
     args.out.write_text(json.dumps(results, indent=1))
     print(f"wrote {args.out}")
 

@@ -77,32 +77,34 @@ def test_multi_token_continuation_is_scored_token_by_token(bos_tokenizer):
     scores = score_continuations(model, bos_tokenizer, ["the capital of france is", "the"], ["paris", "new york city"])
     assert scores.token_logprobs[0].tolist() == pytest.approx([math.log(p("is", "paris"))], rel=1e-5)
     expected = [math.log(p("the", "new")), math.log(p("new", "york")), math.log(p("york", "city"))]
-    assert scores.token_logprobs[1].tolist() == pytest.approx(expected, rel=1e-5)
+    assert scores.token_logprobs[1].tolist() == pytest.approx(expected, rel=1e-5, abs=1e-6)  # float32 near 0
     assert scores.mean_nll[1].item() == pytest.approx(-sum(expected) / 3, rel=1e-5)
     # After "the", "capital" (0.5) beats "new" (0.4): the first of the three tokens is not the argmax.
     assert scores.token_correct[1].tolist() == [False, True, True]
     assert scores.token_accuracy[1].item() == pytest.approx(2 / 3)
 
 
-def test_continuation_scores_unembed_only_the_positions_they_read(smollm2, tokenizer):
-    """Logits only at the positions that predict continuation tokens (chunks ordered by where continuations
-    start) give the scores of full-logit passes of each sequence alone."""
+def test_continuation_scores_unembed_only_the_positions_they_read(smollm2, tokenizer, monkeypatch):
+    """Only the positions that predict continuation tokens go through the unembedding (a few rows at a time), in
+    several decoder passes, and the scores are those of full-logit passes of each sequence alone."""
+    from hf_encore.editing import tracing
     from hf_encore.editing.requests import target_token_ids
 
     prompts = ["The Eiffel Tower is located in the city of", "Paris is", "LeBron James plays the sport of",
                "The capital of Japan is the city of", "Water boils at"]
     continuations = ["Paris", "the capital of France", "basketball", "Tokyo", "100 degrees Celsius"]
-    widths, unembedded = [], []
-    handles = [smollm2.get_input_embeddings().register_forward_pre_hook(
-                   lambda module, args: widths.append(args[0].shape[1])),
-               smollm2.get_output_embeddings().register_forward_pre_hook(
-                   lambda module, args: unembedded.append(args[0].shape[1]))]
-    try:
-        scores = score_continuations(smollm2, tokenizer, prompts, continuations, max_tokens=12)  # several chunks
+    passes, unembedded = [], []
+    handle = smollm2.get_input_embeddings().register_forward_pre_hook(lambda module, args: passes.append(1))
+    unembed = tracing.unembed
+    monkeypatch.setattr(tracing, "unembed", lambda h, *a: (unembedded.append(h.shape[0]), unembed(h, *a))[1])
+    vocab = smollm2.get_output_embeddings().weight.shape[0]
+    try:  # several decoder passes; at most 2 rows of logits at a time
+        scores = score_continuations(smollm2, tokenizer, prompts, continuations, max_tokens=12,
+                                     max_logits=2 * vocab + 1)
     finally:
-        for handle in handles:
-            handle.remove()
-    assert len(widths) > 2 and all(k < t for k, t in zip(unembedded, widths, strict=True))
+        handle.remove()
+    assert len(passes) > 2 and max(unembedded) == 2
+    assert sum(unembedded) == sum(len(target_token_ids(tokenizer, c)) for c in continuations)
     for i, (prompt, continuation) in enumerate(zip(prompts, continuations)):
         p_ids, t_ids = tokenizer(prompt)["input_ids"], target_token_ids(tokenizer, continuation)
         with torch.no_grad():

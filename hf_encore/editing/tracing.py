@@ -96,6 +96,13 @@ def causal_lm(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, float | None]:
+    """A causal LM's (or a PEFT model's) decoder — its ``last_hidden_state`` is after the final norm —, its
+    unembedding and its logit softcap (``None`` where it has none)."""
+    lm = causal_lm(model)
+    return lm.base_model, lm.get_output_embeddings(), getattr(lm.config, "final_logit_softcapping", None)
+
+
 MAX_LOGITS = 1 << 25  # logit values one unembedding chunk may hold (128 MiB in float32)
 
 
@@ -163,9 +170,7 @@ class ModelAccess:
         self.lm = lm
         self.layout = layout
         self.blocks = get_blocks(lm, layout)
-        self.decoder = lm.base_model
-        self.unembedding = lm.get_output_embeddings()
-        self.softcap = getattr(lm.config, "final_logit_softcapping", None)
+        self.decoder, self.unembedding, self.softcap = lm_parts(lm)
         self.cache_kwarg = cache_kwarg(self.decoder)
 
     @property

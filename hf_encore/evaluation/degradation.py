@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..editing.stats import packed_chunks
-from ..editing.tracing import MAX_LOGITS, ModelAccess, causal_lm, chunk_by_tokens, pad_right, token_log_probs
+from ..editing.tracing import MAX_LOGITS, ModelAccess, chunk_by_tokens, lm_parts, pad_right, token_log_probs
 from ..layer import Linear
 from .scoring import pad_token_id, score_continuations
 
@@ -26,9 +26,7 @@ def perplexity(model, tokenizer, texts: Sequence[str], *, n_tokens: int = 20_000
     vocabulary (Gemma-3) would take 1 GiB per 1,024 tokens, with copies.
     """
     chunks = packed_chunks(tokenizer, texts, n_tokens, seq_len)
-    lm = causal_lm(model)
-    decoder, unembedding = lm.base_model, lm.get_output_embeddings()
-    softcap = getattr(lm.config, "final_logit_softcapping", None)
+    decoder, unembedding, softcap = lm_parts(model)
     device = unembedding.weight.device
     total_nll, count = 0.0, 0
     for group in tqdm(chunk_by_tokens([len(c) for c in chunks], max_tokens), desc="perplexity",

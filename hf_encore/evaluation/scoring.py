@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..editing.requests import target_token_ids
-from ..editing.tracing import chunk_by_tokens, pad_right
+from ..editing.tracing import MAX_LOGITS, chunk_by_tokens, lm_parts, pad_right, token_log_probs
 
 
 @dataclass
@@ -36,11 +36,13 @@ def pad_token_id(tokenizer) -> int:
 
 @torch.no_grad()
 def score_continuations(model, tokenizer, prompts: Sequence[str], continuations: Sequence[str], *,
-                        max_tokens: int = 4096, progress: bool = False) -> ContinuationScores:
+                        max_tokens: int = 4096, max_logits: int = MAX_LOGITS,
+                        progress: bool = False) -> ContinuationScores:
     """Teacher-forced scores of ``continuations[i]`` after ``prompts[i]``.
 
     The prompt is tokenised as the model sees text (with BOS if the tokenizer adds one); the continuation as a
     continuation (a leading space, no special tokens), so multi-token targets are scored token by token.
+    ``max_tokens`` bounds the tokens of one decoder pass, ``max_logits`` the logits held at once.
     """
     if len(prompts) != len(continuations):
         raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
@@ -53,23 +55,23 @@ def score_continuations(model, tokenizer, prompts: Sequence[str], continuations:
         targets.append(t_ids)
     logprobs: list[torch.Tensor] = [None] * len(seqs)  # type: ignore[list-item]
     correct: list[torch.Tensor] = [None] * len(seqs)  # type: ignore[list-item]
-    device = next(model.parameters()).device
-    # Logits only at the positions that predict continuation tokens: on a 262k vocabulary (Gemma-3) unembedding
-    # every position takes more arithmetic than the decoder blocks. Sequences are ordered by where their continuation
-    # starts, so the positions a chunk keeps (the same for all its rows) form a short range.
-    order = sorted(range(len(seqs)), key=lambda i: (starts[i], len(seqs[i])))
+    decoder, unembedding, softcap = lm_parts(model)
+    device = unembedding.weight.device
+    # Only the positions that predict continuation tokens go through the unembedding, a few rows at a time: on a
+    # 262k vocabulary (Gemma-3) every position's logits would cost more memory and arithmetic than the decoder.
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths together: less padding
     chunks = [[order[j] for j in chunk] for chunk in chunk_by_tokens([len(seqs[i]) for i in order], max_tokens)]
     for chunk in tqdm(chunks, desc="scoring", disable=not progress, leave=False):
         ids, mask = pad_right([seqs[i] for i in chunk], pad_token_id(tokenizer))
-        first, last = min(starts[i] for i in chunk), max(starts[i] + len(targets[i]) for i in chunk)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                       logits_to_keep=torch.arange(first, last, device=device)).logits
-        offset = 0 if logits.shape[1] == ids.shape[1] else first  # a model may ignore logits_to_keep
-        for row, i in enumerate(chunk):
-            t = torch.tensor(targets[i], device=device)
-            step_logits = logits[row, starts[i] - offset: starts[i] - offset + len(t)].float()
-            logprobs[i] = step_logits.log_softmax(-1).gather(1, t.unsqueeze(1)).squeeze(1).cpu()
-            correct[i] = (step_logits.argmax(-1) == t).cpu()
+        hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
+        rows = torch.cat([torch.full((len(targets[i]),), row) for row, i in enumerate(chunk)])
+        positions = torch.cat([torch.arange(starts[i], starts[i] + len(targets[i])) for i in chunk])
+        labels = torch.tensor([t for i in chunk for t in targets[i]], device=device)
+        log_p, argmax = token_log_probs(hidden[rows.to(device), positions.to(device)], labels, unembedding, softcap,
+                                        max_logits)  # [m], [m]
+        sizes = [len(targets[i]) for i in chunk]
+        for i, lp, ok in zip(chunk, log_p.cpu().split(sizes), (argmax == labels).cpu().split(sizes)):
+            logprobs[i], correct[i] = lp, ok
     return ContinuationScores(logprobs, correct)
 
 
