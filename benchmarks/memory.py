@@ -5,14 +5,15 @@ figures, writes JSON.
         --out docs/results/memory-gemma-3-270m.json
     python benchmarks/memory.py --part perplexity --model gemma-3-270m --max-tokens 4096 1024 \\
         --out docs/results/memory-perplexity-gemma-3-270m.json
-    python benchmarks/memory.py --part evaluation --model gemma-3-270m --out docs/results/memory-evaluation-gemma-3-270m.json
+    python benchmarks/memory.py --part evaluation --model gemma-3-270m \\
+        --out docs/results/memory-evaluation-gemma-3-270m.json
 
 Each budget is measured in a fresh Python process, since a process's peak resident set size (the figure that
 decides whether a run fits in RAM on a CPU machine) cannot be reset; on CUDA the peak of allocated device memory
 is reported too. The z-optimisation holds the most memory, and its first step the most of all (every request is
 still active, and MEMIT has no early stop to thin the batch), so ``--z-steps 3`` keeps the measurement short
-without lowering the peak. ``peak_rss_before_edit_gb`` is the process after loading the model and building the
-adapter; the edit's own share is the difference. ``--part perplexity`` measures the lifelong benchmark's
+without lowering the peak. ``peak_rss_before_gb`` is the process after loading the model (and building the
+adapter); the measured work's own share is the difference. ``--part perplexity`` measures the lifelong benchmark's
 perplexity (held-out WikiText-2 test text, ``--perplexity-tokens`` tokens) on the unedited model instead, and
 ``--part evaluation`` one whole evaluation point of that benchmark with its default settings (the known-fact
 probe chosen first; six downstream tasks, perplexity, retained knowledge, edit metrics of 500 counterfact-edit
@@ -30,6 +31,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -37,7 +39,7 @@ from hf_encore import EncoreConfig, get_encore_model, load_model
 from hf_encore.cli import parse_settings
 from hf_encore.data import data_dir, load_counterfact
 from hf_encore.evaluation import known_facts, perplexity
-from hf_encore.lifelong import EvalSettings, evaluate_point
+from hf_encore.lifelong import EvalSettings, evaluate_point, perplexity_texts
 
 FIRST_CASE = 2000  # counterfact-train cases from here on: the sweep's pool, never the reported edits
 
@@ -46,6 +48,19 @@ def peak_rss_gb() -> float:
     # ru_maxrss is in KiB on Linux (bytes on macOS).
     scale = 1 if sys.platform == "darwin" else 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1e9
+
+
+def measured(device: str, work: Callable[[], Any]) -> tuple[Any, dict]:
+    """``work()``'s value, and the process's peak memory before and after it and its time."""
+    before = peak_rss_gb()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    value = work()
+    figures = {"peak_rss_before_gb": before, "peak_rss_gb": peak_rss_gb(), "seconds": time.perf_counter() - start}
+    if device.startswith("cuda"):
+        figures["cuda_peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    return value, figures
 
 
 def measure_edit(model_name: str, method: str, n_requests: int, max_tokens: int, z_steps: int, stats_tokens: int,
@@ -60,56 +75,36 @@ def measure_edit(model_name: str, method: str, n_requests: int, max_tokens: int,
     config = EncoreConfig(method=method, v_num_grad_steps=z_steps, stats_n_tokens=stats_tokens,
                           max_tokens_per_forward=max_tokens, **overrides)
     model = get_encore_model(base, config, tokenizer=tokenizer, corpus=data_dir() / "corpus" / "wikitext-2-valid.txt")
-    before = peak_rss_gb()
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    report = model.edit([{k: c[k] for k in ("prompt", "subject", "target_new")} for c in cases], progress=False)
-    result = {"max_tokens_per_forward": max_tokens, "peak_rss_before_edit_gb": before, "peak_rss_gb": peak_rss_gb(),
-              "seconds": time.perf_counter() - start, "z_steps": sum(r.steps for r in report.requests)}
-    if device.startswith("cuda"):
-        result["cuda_peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
-    return result
+    requests = [{k: c[k] for k in ("prompt", "subject", "target_new")} for c in cases]
+    report, figures = measured(device, lambda: model.edit(requests, progress=False))
+    return {"max_tokens_per_forward": max_tokens, **figures, "z_steps": sum(r.steps for r in report.requests)}
 
 
 def measure_perplexity(model_name: str, max_tokens: int, n_tokens: int, device: str) -> dict:
     """One perplexity evaluation, as the lifelong benchmark runs it, in this process; its figures."""
     base, tokenizer = load_model(model_name, device=device)
-    path = data_dir() / "corpus" / "wikitext-2-test.txt"
-    texts = [t for t in path.read_text(encoding="utf-8").splitlines() if t.strip() and not t.strip().startswith("=")]
-    before = peak_rss_gb()
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    value = perplexity(base, tokenizer, texts, n_tokens=n_tokens, max_tokens=max_tokens)
-    result = {"max_tokens_per_forward": max_tokens, "peak_rss_before_gb": before, "peak_rss_gb": peak_rss_gb(),
-              "seconds": time.perf_counter() - start, "perplexity": value, "tokens": n_tokens}
-    if device.startswith("cuda"):
-        result["cuda_peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
-    return result
+    texts = perplexity_texts(data_dir() / "corpus" / "wikitext-2-test.txt")
+    value, figures = measured(device, lambda: perplexity(base, tokenizer, texts, n_tokens=n_tokens,
+                                                         max_tokens=max_tokens))
+    return {"max_tokens_per_forward": max_tokens, **figures, "perplexity": value, "tokens": n_tokens}
 
 
 def measure_evaluation(model_name: str, device: str) -> dict:
     """One evaluation point of the lifelong benchmark (default settings, unedited model) in this process."""
     base, tokenizer = load_model(model_name, device=device)
     root = data_dir()
-    path = root / "corpus" / "wikitext-2-test.txt"
-    texts = [t for t in path.read_text(encoding="utf-8").splitlines() if t.strip() and not t.strip().startswith("=")]
+    texts = perplexity_texts(root / "corpus" / "wikitext-2-test.txt")
     ev = EvalSettings()
     edited = load_counterfact(root / "counterfact" / "counterfact-edit.json")[: ev.edited_sample]
-    before = peak_rss_gb()
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    probe = known_facts(base, tokenizer, load_counterfact(root / "counterfact" / "counterfact-train.json"),
-                        ev.known_facts)
-    record = evaluate_point(base, tokenizer, edited=edited, probe=probe, texts=texts,
-                            downstream_dir=root / "downstream", ev=ev, adapter=False)
-    result = {"peak_rss_before_gb": before, "peak_rss_gb": peak_rss_gb(), "seconds": time.perf_counter() - start,
-              "perplexity": record["perplexity"], "part_seconds": record["eval_part_seconds"]}
-    if device.startswith("cuda"):
-        result["cuda_peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
-    return result
+    candidates = load_counterfact(root / "counterfact" / "counterfact-train.json")
+
+    def evaluation() -> dict:
+        probe = known_facts(base, tokenizer, candidates, ev.known_facts)
+        return evaluate_point(base, tokenizer, edited=edited, probe=probe, texts=texts,
+                              downstream_dir=root / "downstream", ev=ev, adapter=False)
+
+    record, figures = measured(device, evaluation)
+    return {**figures, "perplexity": record["perplexity"], "part_seconds": record["eval_part_seconds"]}
 
 
 def main() -> None:
@@ -147,9 +142,9 @@ def main() -> None:
             sys.exit(f"the measurement at max_tokens_per_forward={budget} failed:\n{done.stderr[-3000:]}")
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
         r = runs[-1]
-        what = (f"({r['peak_rss_before_edit_gb']:.2f} before the edit), {r['z_steps']} z-steps" if args.part == "edit"
-                else f"({r['peak_rss_before_gb']:.2f} before), perplexity {r['perplexity']:.4f}")
-        print(f"max_tokens_per_forward {budget}: peak RSS {r['peak_rss_gb']:.2f} GB {what}, {r['seconds']:.1f} s"
+        what = f"{r['z_steps']} z-steps" if args.part == "edit" else f"perplexity {r['perplexity']:.4f}"
+        print(f"max_tokens_per_forward {budget}: peak RSS {r['peak_rss_gb']:.2f} GB "
+              f"({r['peak_rss_before_gb']:.2f} before), {what}, {r['seconds']:.1f} s"
               + (f", CUDA peak {r['cuda_peak_allocated_gb']:.2f} GB" if "cuda_peak_allocated_gb" in r else ""),
               flush=True)
     results = {"command": " ".join(["python", "benchmarks/memory.py", *sys.argv[1:]]),

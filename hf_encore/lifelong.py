@@ -92,6 +92,12 @@ def _paths(settings: LifelongSettings):
             Path(settings.downstream_dir or root / "downstream"))
 
 
+def perplexity_texts(path: Path) -> list[str]:
+    """The held-out text perplexity is measured on: the file's non-empty lines as they are, without WikiText
+    headings. (Not ``read_corpus``, which strips lines: the published perplexities were measured on these.)"""
+    return [t for t in path.read_text(encoding="utf-8").splitlines() if t.strip() and not t.strip().startswith("=")]
+
+
 def _read_log(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
@@ -174,7 +180,7 @@ def run(settings: LifelongSettings, progress: bool = True) -> Path:
         raise ValueError(f"{edits_path} has {len(cases)} cases; {settings.edits} edits asked for")
     rng = random.Random(settings.seed)
     chosen = [cases[i] for i in rng.sample(range(len(cases)), settings.edits)]
-    texts = [t for t in ppl_path.read_text(encoding="utf-8").splitlines() if t.strip() and not t.strip().startswith("=")]
+    texts = perplexity_texts(ppl_path)
     ev = settings.evaluation
     # One fixed order of the edits, the same for every method: the facts edited so far, in this order, give the
     # evaluation sample (a prefix of it), and its first cases the fluency prompts.
