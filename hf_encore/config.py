@@ -63,6 +63,10 @@ NULLSPACE_THRESHOLD = {"absolute": 2e-2, "relative": 1.0}
 # another; the relative default was chosen by the sweep in docs/results.md (benchmarks/sweep.py, counterfact-train).
 V_LR = {"absolute": 0.5, "relative": 0.3}
 
+# ‖W‖/‖W₀‖ of an edited layer above which edit() warns: the lifelong runs in docs/results.md stay below 1.3 with
+# ENCORE after 1,000 edits, and the runs that collapsed (plain AlphaEdit on Qwen2.5-0.5B) had passed 2.
+NORM_RATIO_WARNING = 2.0
+
 _SWITCHES = ("mpes", "preservation_weight", "norm_weight", "nullspace_projection")
 
 
@@ -100,6 +104,8 @@ class EncoreConfig(PeftConfig):
         stats_n_tokens: tokens of generic text for C₀ (``None``: 10·d_k, at least 10,000).
         stats_seq_len: length of the packed text chunks used for statistics.
         max_tokens_per_forward: token budget of one forward pass (bounds memory on long batches).
+        max_norm_ratio: refuse (and roll back) a batch after which some edited layer's ‖W‖/‖W₀‖ exceeds this;
+            ``None`` (default) only warns when a layer's norm ratio passes ``NORM_RATIO_WARNING``.
     """
 
     method: str = field(default="encore", metadata={"help": "one of 'encore', 'memit', 'alphaedit'"})
@@ -130,9 +136,12 @@ class EncoreConfig(PeftConfig):
     stats_n_tokens: Optional[int] = None
     stats_seq_len: int = 256
     max_tokens_per_forward: int = 4096
+    max_norm_ratio: Optional[float] = None
 
     target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "set automatically"})
     base_model_fingerprint: Optional[str] = field(default=None, metadata={"help": "set automatically"})
+    base_model_parts_fingerprint: Optional[dict[str, str]] = field(
+        default=None, metadata={"help": "set automatically: a sampled fingerprint of every part of the base model"})
     gguf_file: Optional[str] = field(default=None, metadata={"help": "GGUF file the base was loaded from"})
 
     def __post_init__(self):
@@ -185,7 +194,8 @@ class EncoreConfig(PeftConfig):
         unknown = sorted(set(overrides) - fields)
         if unknown:
             raise ValueError(f"Unknown EncoreConfig setting(s): {unknown}")
-        frozen = {"layers", "block_path", "mlp_out", "target_modules", "base_model_fingerprint"}
+        frozen = {"layers", "block_path", "mlp_out", "target_modules", "base_model_fingerprint",
+                  "base_model_parts_fingerprint"}
         if frozen & set(overrides):
             raise ValueError(f"{sorted(frozen & set(overrides))} are fixed when the adapter is created")
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
