@@ -15,10 +15,11 @@ from .editing.report import EditReport
 from .editing.requests import EditRequest
 from .layer import EncoreLayer
 from .hub import push_to_hub
-from .model import BaseModelMismatchError, EditStateMissingError, EncoreModel
+from .model import BaseModelMismatchError, EditStateMissingError, EncoreModel, NormRatioExceededError
 from .models import DEFAULT_MODEL, load_model
 from .peft_model import EncorePeftModel, from_pretrained
 from .registry import register
+from .save_transaction import SaveLockTimeout, SaveTargetError
 from .serialization import AdapterFileError
 
 register()
@@ -26,7 +27,8 @@ register()
 __all__ = [
     "AdapterFileError", "BaseModelMismatchError", "DEFAULT_MODEL", "EditReport", "EditRequest",
     "EditStateMissingError", "EncoreConfig", "EncoreLayer", "EncoreModel", "EncorePeftModel", "METHODS",
-    "METHOD_PRESETS", "from_pretrained", "get_encore_model", "load_model", "push_to_hub",
+    "METHOD_PRESETS", "NormRatioExceededError", "SaveLockTimeout", "SaveTargetError", "from_pretrained",
+    "get_encore_model", "load_model", "push_to_hub",
 ]
 __version__ = "0.1.0"
 

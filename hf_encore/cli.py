@@ -16,8 +16,11 @@ User errors (missing file, bad request, wrong base model, unknown method) print 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -41,13 +44,63 @@ def parse_value(text: str) -> Any:
 def parse_settings(items: Sequence[str]) -> dict[str, Any]:
     """``["norm_weight=0.1", "mpes=false"]`` → ``{"norm_weight": 0.1, "mpes": False}`` (the ``--set`` options of
     every command, benchmark and sweep)."""
+    from .config import SETTINGS, EncoreConfig, check_given_setting
+
     settings = {}
+    known = {f.name for f in dataclasses.fields(EncoreConfig) if f.init}
     for item in items:
         key, sep, value = item.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise UsageError(f"--set expects KEY=VALUE, got {item!r}")
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(SETTINGS), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else "; see hf_encore/config.py for the settings"
+            raise UsageError(f"--set {key}: unknown EncoreConfig setting{hint}")
         settings[key] = parse_value(value)
+        if key in SETTINGS:  # checked here so that every command fails before it loads a model
+            try:
+                settings[key] = check_given_setting(key, settings[key])
+            except ValueError as err:
+                raise UsageError(f"--set {key}={value}: {err}") from None
     return settings
+
+
+def _number_type(kind: type, low: float, *, strict: bool = False):
+    """An argparse ``type=`` for a number ``≥ low`` (``> low`` when ``strict``): argparse then reports a bad value
+    with the option's name and exits 2 before any command runs."""
+    bound = f"{'>' if strict else '≥'} {low:g}"
+    noun = "an integer" if kind is int else "a number"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {noun} {bound}, got {text!r}") from None
+        if kind is float and not math.isfinite(value) or (value <= low if strict else value < low):
+            raise argparse.ArgumentTypeError(f"must be {noun} {bound}, got {text!r}")
+        return value
+
+    parse.__name__ = f"{kind.__name__} {bound}"  # argparse names the type in some messages
+    return parse
+
+
+positive_int = _number_type(int, 1)
+non_negative_int = _number_type(int, 0)
+positive_seconds = _number_type(float, 0, strict=True)
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """The HTTP client errors of the installed huggingface_hub (httpx2 in 2.x, httpx before)."""
+    import importlib
+
+    found = []
+    for name in ("httpx2", "httpx"):
+        try:
+            found.append(importlib.import_module(name).HTTPError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -55,8 +108,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .models import ModelFetchError
 
     # ValueError covers bad requests and settings, AdapterFileError and BaseModelMismatchError; OSError covers
-    # missing files and model ids transformers cannot resolve.
-    return (UsageError, ValueError, OSError, EditStateMissingError, ModelFetchError)
+    # missing files, model ids transformers cannot resolve, huggingface_hub's HTTP errors and an unreachable Hub
+    # (hub.HubConnectionError); the client's HTTPError is any other transport failure of huggingface_hub.
+    return (UsageError, ValueError, OSError, EditStateMissingError, ModelFetchError, *_transport_errors())
 
 
 # --- model loading ---------------------------------------------------------------------------------------------
@@ -111,28 +165,36 @@ def _add_model_args(parser: argparse.ArgumentParser, adapter_flag: bool = True) 
 def cmd_edit(args) -> int:
     from . import EncoreConfig, get_encore_model
     from .data import load_requests
+    from .save_transaction import check_save_target
 
     requests = load_requests(args.requests, limit=args.limit)
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
     overrides = parse_settings(args.set)
     if args.method:
         overrides["method"] = args.method
-    EncoreConfig().with_overrides(**overrides)  # names a bad setting before any model is loaded
+    # The settings that shape an adapter (which layers, where) are given when it is created, not per batch.
+    creation = {key: overrides.pop(key) for key in ("layers", "block_path", "mlp_out") if key in overrides}
+    if args.layers:
+        if creation.get("layers", args.layers) != args.layers:
+            raise UsageError("give the layers once: --layers or --set layers=[...]")
+        creation["layers"] = args.layers
+    EncoreConfig(**creation).with_overrides(**overrides)  # names a bad setting before any model is loaded
     if not (args.out or (args.adapter and Path(args.adapter).is_dir())):
         raise UsageError("--out is required (the adapter directory to write)")
     out = Path(args.out or args.adapter)
     # An adapter already at --out is continued, never overwritten by a new one.
     adapter = args.adapter or (str(out) if (out / "adapter_config.json").is_file() else None)
+    if adapter is None or Path(adapter) != out:
+        check_save_target(out)  # a folder that is not an adapter is refused before any model is loaded
     corpus = _corpus(args)
     if adapter:
-        if args.layers:
-            raise UsageError(f"--layers only applies to a new adapter; {adapter} edits {_layers_of(adapter)}")
+        if creation:
+            given = ", ".join("--layers" if key == "layers" and args.layers else f"--set {key}" for key in creation)
+            raise UsageError(f"{given}: only for a new adapter; {adapter} edits {_layers_of(adapter)}")
         if not args.quiet:
             print(f"continuing the adapter in {adapter}", file=sys.stderr)
         model, tokenizer = _load(args, adapter=adapter, corpus=corpus)
     else:
-        config = EncoreConfig(method=overrides.pop("method", "encore"), layers=args.layers)
+        config = EncoreConfig(method=overrides.pop("method", "encore"), **creation)
         config = config.with_overrides(**overrides)
         overrides = {}
         base, tokenizer = _load(args)
@@ -219,22 +281,37 @@ def cmd_ask(args) -> int:
 
 def cmd_eval(args) -> int:
     from .data import data_dir, load_counterfact
-    from .evaluation import counterfact_scores, downstream_scores, load_zsre, weight_norms, zsre_scores
+    from .evaluation import TASKS, counterfact_scores, downstream_scores, load_zsre, weight_norms, zsre_scores
 
-    model, tokenizer = _load(args, adapter=args.adapter)
     if not (args.counterfact or args.zsre or args.downstream):
         raise UsageError("choose at least one of --counterfact, --zsre, --downstream")
-    results: dict[str, Any] = {}
+    # The data are read and the task names checked before the model is loaded: a typo fails in a second.
+    cases = records = directory = None
     if args.counterfact:
-        path = None if args.counterfact == "default" else args.counterfact
-        scores = counterfact_scores(model, tokenizer, load_counterfact(path, limit=args.limit), fluency=args.fluency)
-        results["counterfact"] = {k: v for k, v in scores.items() if k != "per_case"}
+        cases = load_counterfact(None if args.counterfact == "default" else args.counterfact, limit=args.limit)
     if args.zsre:
-        path = data_dir() / "zsre" / "zsre_mend_train-1k.json" if args.zsre == "default" else args.zsre
-        scores = zsre_scores(model, tokenizer, load_zsre(path, limit=args.limit))
-        results["zsre"] = {k: v for k, v in scores.items() if k != "per_case"}
+        records = load_zsre(data_dir() / "zsre" / "zsre_mend_train-1k.json" if args.zsre == "default" else args.zsre,
+                            limit=args.limit)
     if args.downstream:
-        directory = data_dir() / "downstream" if args.downstream == "default" else args.downstream
+        directory = Path(data_dir() / "downstream" if args.downstream == "default" else args.downstream)
+        if not directory.is_dir():
+            raise UsageError(f"downstream task directory not found: {directory}")
+        unknown = [t for t in args.tasks or [] if t not in TASKS]
+        if unknown:
+            raise UsageError(f"--tasks: unknown task(s) {', '.join(unknown)}; known: {', '.join(sorted(TASKS))}")
+        if args.tasks == []:
+            raise UsageError(f"--tasks needs at least one task name; known: {', '.join(sorted(TASKS))}")
+    if args.json and not Path(args.json).absolute().parent.is_dir():
+        raise UsageError(f"--json {args.json}: its directory does not exist")
+    model, tokenizer = _load(args, adapter=args.adapter)
+    results: dict[str, Any] = {}
+    if cases is not None:
+        scores = counterfact_scores(model, tokenizer, cases, fluency=args.fluency)
+        results["counterfact"] = {k: v for k, v in scores.items() if k != "per_case"}
+    if records is not None:
+        scores = zsre_scores(model, tokenizer, records)
+        results["zsre"] = {k: v for k, v in scores.items() if k != "per_case"}
+    if directory is not None:
         tasks = {"tasks": args.tasks} if args.tasks else {}
         scores = downstream_scores(model, tokenizer, directory, n_test=args.items, **tasks)
         results["downstream"] = scores
@@ -269,7 +346,7 @@ def cmd_show(args) -> int:
     from safetensors.torch import load_file
 
     from .peft_model import read_config
-    from .serialization import ADAPTER_WEIGHTS, STATE_JSON, read_json, verify_adapter_directory
+    from .serialization import ADAPTER_WEIGHTS, STATE_JSON, read_ledger, verify_adapter_directory
 
     directory = Path(args.adapter)
     if not directory.is_dir():
@@ -277,10 +354,11 @@ def cmd_show(args) -> int:
     meta = verify_adapter_directory(directory)
     config = read_config(directory, ignore_base_mismatch=True)
     deltas = load_file(str(directory / ADAPTER_WEIGHTS))
-    ledger_path = directory / "encore_ledger.jsonl"
-    ledger = [json.loads(line) for line in ledger_path.read_text().splitlines() if line.strip()] \
-        if ledger_path.is_file() else []
-    last_ratios = {x["layer"]: x["weight_norm_ratio"] for x in ledger[-1]["report"]["layers"]} if ledger else {}
+    ledger = read_ledger(directory / "encore_ledger.jsonl")
+    # read_ledger checks each entry's shape; the report's inner rows are only displayed, so a missing value shows
+    # as "?" rather than failing the whole listing.
+    last_ratios = {x.get("layer", "?"): x.get("weight_norm_ratio", "?") for x in ledger[-1]["report"]["layers"]
+                   if isinstance(x, dict)} if ledger else {}
     info = {
         "directory": str(directory),
         "method": config.method,
@@ -310,9 +388,10 @@ def cmd_show(args) -> int:
         rows = []
         for entry in ledger:
             reqs = entry["report"]["requests"]
-            rows.append([entry["batch"], entry["method"], len(reqs),
-                         time.strftime("%Y-%m-%d %H:%M", time.gmtime(entry["time"])),
-                         f"{sum(r['p_target_after'] for r in reqs) / max(1, len(reqs)):.3f}"])
+            p_after = [r.get("p_target_after") for r in reqs if isinstance(r, dict)]
+            p_after = [p for p in p_after if isinstance(p, (int, float)) and not isinstance(p, bool)]
+            rows.append([entry["batch"], entry["method"], len(reqs), _utc_minute(entry["time"]),
+                         f"{sum(p_after) / len(p_after):.3f}" if p_after else "?"])
         print("\nledger (" + STATE_JSON.replace("state.json", "ledger.jsonl") + "):")
         print(_table(["batch", "method", "edits", "time (UTC)", "mean p after"], rows[-args.last:]))
         for entry in ledger[-1:]:
@@ -321,14 +400,32 @@ def cmd_show(args) -> int:
     return 0
 
 
+def _utc_minute(timestamp: float) -> str:
+    try:
+        return time.strftime("%Y-%m-%d %H:%M", time.gmtime(timestamp))
+    except (OverflowError, OSError, ValueError):  # a hand-edited ledger's time outside the platform's range
+        return "?"
+
+
+def check_merge_target(out: Path) -> None:
+    """Refuse a --out that is a file or a non-empty directory: save_pretrained would fail after the merge, or
+    overwrite and delete files (stale shards) in it."""
+    if out.is_file() or (out.exists() and not out.is_dir()):
+        raise UsageError(f"--out {out} is an existing file; give a new directory name")
+    if out.is_dir() and any(out.iterdir()):
+        raise UsageError(f"--out {out} is a non-empty directory and writing the merged model there would replace "
+                         "or delete files in it; give a new or empty directory (or remove it first)")
+
+
 def cmd_merge(args) -> int:
     import torch
 
+    out = Path(args.out)
+    check_merge_target(out)  # before the (slow) load and merge
     model, tokenizer = _load(args, adapter=args.adapter)
     merged = model.merge_and_unload()
     if args.dtype:
         merged = merged.to(getattr(torch, args.dtype))
-    out = Path(args.out)
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
     print(f"merged model written to {out}")
@@ -341,7 +438,7 @@ def cmd_push(args) -> int:
     model, _ = _load(args, adapter=args.adapter)
     info = push_to_hub(model, args.repo_id, private=args.private or None, token=args.token,
                        include_editing_state=not args.no_editing_state, delta_dtype=args.delta_dtype,
-                       endpoint=args.endpoint)
+                       endpoint=args.endpoint, timeout=args.timeout)
     print(f"pushed to {getattr(info, 'commit_url', None) or args.repo_id}")
     return 0
 
@@ -369,9 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--out", help="adapter directory to write (default: --adapter, updated in place)")
     p.add_argument("--method", choices=METHODS, default=None, help="default: encore (or the adapter's)")
-    p.add_argument("--layers", type=int, nargs="+", default=None, help="edited layers (new adapters only)")
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--limit", type=int, default=None, help="only the first N requests")
+    p.add_argument("--layers", type=non_negative_int, nargs="+", default=None,
+                   help="edited layers (new adapters only)")
+    p.add_argument("--batch-size", type=positive_int, default=100)
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N requests")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any EncoreConfig setting")
     p.add_argument("--corpus", default=None, help="text file(s) for C₀ (default: ../shared WikiText-2 if present)")
     p.add_argument("--delta-dtype", choices=["float32", "bfloat16", "float16"], default=None)
@@ -382,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompts", nargs="+")
     _add_model_args(p)
     p.add_argument("--target", action="append", default=None, help="a continuation to score (repeat per prompt)")
-    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=positive_int, default=8)
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("eval", help="CounterFact / zsRE / downstream metrics of a model or adapter")
@@ -391,25 +489,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zsre", nargs="?", const="default", help="zsRE file (default: zsre_mend_train-1k)")
     p.add_argument("--downstream", nargs="?", const="default", help="directory of the downstream task files")
     p.add_argument("--tasks", nargs="*", default=None)
-    p.add_argument("--items", type=int, default=100, help="test items per downstream task")
-    p.add_argument("--limit", type=int, default=100, help="CounterFact / zsRE cases")
+    p.add_argument("--items", type=positive_int, default=100, help="test items per downstream task")
+    p.add_argument("--limit", type=positive_int, default=100, help="CounterFact / zsRE cases")
     p.add_argument("--fluency", action="store_true", help="also generation entropy (slower)")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("stats", help="precompute and cache the second-moment statistics C₀")
     _add_model_args(p, adapter_flag=False)
-    p.add_argument("--layers", type=int, nargs="+", default=None)
+    p.add_argument("--layers", type=non_negative_int, nargs="+", default=None)
     p.add_argument("--corpus", default=None)
-    p.add_argument("--tokens", type=int, default=None)
+    p.add_argument("--tokens", type=positive_int, default=None)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_stats)
 
     p = sub.add_parser("show", help="an adapter's settings, ledger, norms and fingerprint")
     p.add_argument("adapter")
     p.add_argument("--json", action="store_true", help="everything, with the full ledger, as JSON")
-    p.add_argument("--last", type=int, default=10, help="ledger batches to list")
-    p.add_argument("--requests", type=int, default=5, help="requests of the last batch to list")
+    p.add_argument("--last", type=positive_int, default=10, help="ledger batches to list")
+    p.add_argument("--requests", type=non_negative_int, default=5, help="requests of the last batch to list")
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("merge", help="write the base model with the edits merged in")
@@ -426,6 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private", action="store_true")
     p.add_argument("--token", default=None)
     p.add_argument("--endpoint", default=None)
+    p.add_argument("--timeout", type=positive_seconds, default=60.0,
+                   help="seconds to wait for the Hub to answer each request (default 60)")
     p.add_argument("--no-editing-state", action="store_true", help="push the deltas only (inference use)")
     p.add_argument("--delta-dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.set_defaults(func=cmd_push)
@@ -452,7 +552,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _user_errors() as err:
         if args.verbose:
             raise
-        message = str(err).strip() or type(err).__name__
+        # One line: some library messages (transformers', huggingface_hub's) span several.
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
         print(f"hf-encore {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
@@ -68,6 +70,170 @@ V_LR = {"absolute": 0.5, "relative": 0.3}
 NORM_RATIO_WARNING = 2.0
 
 _SWITCHES = ("mpes", "preservation_weight", "norm_weight", "nullspace_projection")
+
+# Settings travel as plain values through the API, `model.edit(**overrides)`, adapter_config.json and the CLI's
+# `--set KEY=VALUE`, so a wrong type would otherwise surface as a traceback deep inside an edit (or, for a string
+# like "13" given as layers, as a silently different setting). Every setting's kind is checked here, in one place.
+INT64_MAX = 2**63 - 1  # counts and seeds end up in torch tensors and generators
+
+
+@dataclass(frozen=True)
+class Setting:
+    """The kind of value one setting takes: ``"bool"``, ``"int"`` / ``"float"`` within ``[low, high]`` (``low``
+    excluded when ``low_open``), ``"choice"`` of ``choices``, ``"layers"`` (a non-empty list of distinct non-negative
+    ints), ``"text"``, ``"text_list"`` (a string or list of strings), ``"text_map"`` (strings to strings);
+    ``optional`` also allows ``None``. Bools are not numbers here; ints are accepted where floats are."""
+
+    kind: str
+    low: float | None = None
+    low_open: bool = False
+    high: float | None = None
+    choices: tuple[str, ...] = ()
+    optional: bool = False
+
+    def requirement(self) -> str:
+        if self.kind == "bool":
+            text = "true or false"
+        elif self.kind in ("int", "float"):
+            text = "an integer" if self.kind == "int" else "a finite number"
+            if self.low is not None:
+                text += f" {'>' if self.low_open else '≥'} {self.low:g}"
+            if self.high is not None and self.high != INT64_MAX:  # int64's bound is worth no words of its own
+                text += f" and ≤ {self.high:g}" if self.low is not None else f" ≤ {self.high:g}"
+        elif self.kind == "choice":
+            text = "one of " + ", ".join(repr(c) for c in self.choices)
+        elif self.kind == "layers":
+            text = "a non-empty list of distinct layer indices (integers ≥ 0), e.g. [4, 5, 6]"
+        elif self.kind == "text":
+            text = "a string"
+        elif self.kind == "text_list":
+            text = "a string or a list of strings"
+        else:
+            text = "a mapping of strings to strings"
+        return f"None or {text}" if self.optional else text
+
+    def normalise(self, value: Any) -> tuple[bool, Any]:
+        """(whether ``value`` is acceptable, the value to keep: numpy scalars become Python numbers so that the config
+        stays JSON-serialisable)."""
+        if value is None:
+            return self.optional, value
+        kind = self.kind
+        if kind == "bool":
+            return isinstance(value, bool), value
+        if kind == "int":
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                return False, value
+            return self._in_range(int(value)), int(value)
+        if kind == "float":
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                return False, value
+            try:
+                as_float = float(value)
+            except (OverflowError, ValueError):  # an int beyond float's range
+                return False, value
+            kept = value if isinstance(value, (int, float)) else as_float
+            return math.isfinite(as_float) and self._in_range(as_float), kept
+        if kind == "choice":
+            return isinstance(value, str) and value in self.choices, value
+        if kind == "layers":
+            if not isinstance(value, (list, tuple)) or not value:
+                return False, value
+            if any(isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 0 or x > INT64_MAX
+                   for x in value):
+                return False, value
+            layers = [int(x) for x in value]
+            return len(set(layers)) == len(layers), layers
+        if kind == "text":
+            return isinstance(value, str), value
+        if kind == "text_list":
+            ok = isinstance(value, str) or (isinstance(value, (list, tuple, set))
+                                            and all(isinstance(x, str) for x in value))
+            return ok, value
+        ok = isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+        return ok, value
+
+    def _in_range(self, number: float) -> bool:
+        if self.low is not None and (number <= self.low if self.low_open else number < self.low):
+            return False
+        return self.high is None or number <= self.high
+
+
+def _int(low: int, high: int = INT64_MAX, optional: bool = False) -> Setting:
+    return Setting("int", low=low, high=high, optional=optional)
+
+
+def _float(low: float, low_open: bool = False, optional: bool = False) -> Setting:
+    return Setting("float", low=low, low_open=low_open, optional=optional)
+
+
+# The presets' switches (mpes, preservation_weight, norm_weight, nullspace_projection) and the scale-dependent
+# defaults (nullspace_threshold, v_lr) may be given as None; __post_init__ fills them before the check, so the table
+# lists the kind of the resolved value.
+SETTINGS: dict[str, Setting] = {
+    "method": Setting("choice", choices=METHODS),
+    "layers": Setting("layers", optional=True),
+    "block_path": Setting("text", optional=True),
+    "mlp_out": Setting("text", optional=True),
+    "mpes": Setting("bool"),
+    "mpes_extra_steps": _int(0),
+    "mpes_check_raw_prompt": Setting("bool"),
+    "preservation_weight": _float(0),
+    "norm_weight": _float(0),
+    "nullspace_projection": Setting("bool"),
+    "nullspace_threshold": _float(0, low_open=True),
+    "regularizer_scale": Setting("choice", choices=("relative", "absolute")),
+    "map_through_post_norm": Setting("bool"),
+    "v_lr": _float(0, low_open=True),
+    "v_num_grad_steps": _int(1),
+    "clamp_norm_factor": _float(0, low_open=True),
+    "v_weight_decay": _float(0),
+    "kl_factor": _float(0),
+    "n_context_templates": _int(0),
+    "context_template_length": _int(1),
+    "seed": _int(0),
+    "stats_n_tokens": _int(1, optional=True),
+    "stats_seq_len": _int(8),
+    "max_tokens_per_forward": _int(64),
+    "max_norm_ratio": _float(1, low_open=True, optional=True),
+    # Set automatically (by get_encore_model, the loaders or PEFT): light type checks only.
+    "target_modules": Setting("text_list", optional=True),
+    "base_model_fingerprint": Setting("text", optional=True),
+    "base_model_parts_fingerprint": Setting("text_map", optional=True),
+    "gguf_file": Setting("text", optional=True),
+    "base_model_name_or_path": Setting("text", optional=True),
+    "revision": Setting("text", optional=True),
+    "inference_mode": Setting("bool"),
+}
+
+
+# Given as None, these take the method's preset (or the regulariser scale's default) when the config is built.
+RESOLVED_WHEN_BUILT = frozenset(_SWITCHES + ("nullspace_threshold", "v_lr"))
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to one short line for an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_setting(name: str, value: Any) -> Any:
+    """``value`` as kept for setting ``name`` (see ``SETTINGS``), or ``ValueError`` naming the setting and what it
+    must be. (ValueError also for a wrong type: PEFT's config loader catches TypeError to drop unknown keys.)"""
+    setting = SETTINGS[name]
+    ok, kept = setting.normalise(value)
+    if not ok:
+        beyond_int64 = setting.kind == "int" and isinstance(value, int) and abs(value) > INT64_MAX
+        raise ValueError(f"EncoreConfig.{name} must be {setting.requirement()}"
+                         f"{' (a 64-bit integer)' if beyond_int64 else ''}, got {_shown(value)}")
+    return kept
+
+
+def check_given_setting(name: str, value: Any) -> Any:
+    """As :func:`check_setting`, for a value given to the constructor (``None`` also means "the preset's value" for
+    the settings in ``RESOLVED_WHEN_BUILT``): lets a caller check settings before building anything."""
+    if value is None and name in RESOLVED_WHEN_BUILT:
+        return None
+    return check_setting(name, value)
 
 
 @dataclass
@@ -147,8 +313,11 @@ class EncoreConfig(PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = EncorePeftType.ENCORE
-        if self.method not in METHODS:
-            raise ValueError(f"Unknown method {self.method!r}; expected one of {METHODS}")
+        # The two choices select the presets below, so they are checked before they are used as keys.
+        if not (isinstance(self.method, str) and self.method in METHODS):
+            raise ValueError(f"Unknown method {_shown(self.method)}; EncoreConfig.method must be one of "
+                             f"{', '.join(map(repr, METHODS))}")
+        check_setting("regularizer_scale", self.regularizer_scale)
         for name, value in METHOD_PRESETS[self.method].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
@@ -159,28 +328,9 @@ class EncoreConfig(PeftConfig):
         self.validate()
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first setting that is out of range."""
-        checks = {
-            "mpes_extra_steps": self.mpes_extra_steps >= 0,
-            "preservation_weight": self.preservation_weight >= 0,
-            "norm_weight": self.norm_weight >= 0,
-            "nullspace_threshold": self.nullspace_threshold > 0,
-            "regularizer_scale": self.regularizer_scale in ("relative", "absolute"),
-            "v_lr": self.v_lr > 0,
-            "v_num_grad_steps": self.v_num_grad_steps >= 1,
-            "clamp_norm_factor": self.clamp_norm_factor > 0,
-            "v_weight_decay": self.v_weight_decay >= 0,
-            "kl_factor": self.kl_factor >= 0,
-            "n_context_templates": self.n_context_templates >= 0,
-            "context_template_length": self.context_template_length >= 1,
-            "stats_seq_len": self.stats_seq_len >= 8,
-            "max_tokens_per_forward": self.max_tokens_per_forward >= 64,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"EncoreConfig.{name} is out of range: {getattr(self, name)!r}")
-        if self.stats_n_tokens is not None and self.stats_n_tokens < 1:
-            raise ValueError(f"EncoreConfig.stats_n_tokens must be positive, got {self.stats_n_tokens}")
+        """Raise ``ValueError`` naming the first setting that is not of its kind (``SETTINGS``) or out of range."""
+        for name in SETTINGS:
+            setattr(self, name, check_setting(name, getattr(self, name)))
         if not self.nullspace_projection and self.preservation_weight == 0 and self.norm_weight == 0:
             raise ValueError("With preservation_weight = norm_weight = 0 and no null-space projection the update "
                              "is unregularised; set one of them")

@@ -419,7 +419,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[LifelongSettings, boo
         evaluation=EvalSettings(tuple(args.tasks), args.downstream_items, e.downstream_shots, args.perplexity_tokens,
                                 args.known_facts, args.edited_sample, args.fluency_sample))
     for method in settings.methods:
-        method_config(method, config)  # fail on a bad method or setting before anything runs
+        try:
+            method_config(method, config)  # fail on a bad method or setting before anything runs
+        except ValueError as err:
+            parser.error(str(err))
     return settings, not args.no_progress
 
 

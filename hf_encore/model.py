@@ -21,7 +21,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 
 from .architectures import MODEL_LAYOUTS, ModelLayout, get_blocks, layers_for, resolve_layout, target_module_regex
-from .config import EncoreConfig
+from .config import NORM_RATIO_WARNING, EncoreConfig
 from .editing.keys import key_pass_inputs, keys_and_outputs
 from .editing.report import EditReport, LayerReport, RequestReport
 from .editing.requests import EditRequest, parse_requests, prepare_requests
@@ -35,10 +35,13 @@ from .editing.stats import (
 from .editing.targets import TargetSettings, optimise_targets, target_probabilities
 from .editing.templates import generate_context_templates
 from .editing.tracing import ModelAccess
-from .layer import EncoreLayer, Linear
+from .layer import EncoreLayer, Linear, base_in_out_features
 from .models import cache_dir
 
 logger = logging.getLogger(__name__)
+
+# Values sampled from each tensor for the base-model fingerprint (see parts_fingerprint).
+PARTS_FINGERPRINT_SAMPLES = 4096
 
 
 class BaseModelMismatchError(ValueError):
@@ -47,6 +50,42 @@ class BaseModelMismatchError(ValueError):
 
 class EditStateMissingError(RuntimeError):
     """An adapter holds edits but not the memory of them that further edits need."""
+
+
+class NormRatioExceededError(ValueError):
+    """A batch would have grown an edited layer's ‖W‖/‖W₀‖ past ``max_norm_ratio`` (the batch is rolled back)."""
+
+
+def likely_norm_cause(config: EncoreConfig, num_edits: int) -> str:
+    """The settings most likely behind an unusually large update: those set more aggressively than the method's
+    defaults, else the accumulated edits themselves."""
+    preset = EncoreConfig(method=config.method, regularizer_scale=config.regularizer_scale)
+    weaker = [f"{name}={getattr(config, name)!r} (default {getattr(preset, name)!r})"
+              for name in ("preservation_weight", "norm_weight") if getattr(config, name) < getattr(preset, name)]
+    stronger = [f"{name}={getattr(config, name)!r} (default {getattr(preset, name)!r})"
+                for name in ("v_lr", "clamp_norm_factor", "v_num_grad_steps") if getattr(config, name) > getattr(preset, name)]
+    if config.regularizer_scale == "absolute":
+        weaker.insert(0, "regularizer_scale='absolute' (the papers' numbers are for 8B models)")
+    if weaker or stronger:
+        return "likely from " + ", ".join(weaker + stronger)
+    if config.norm_weight == 0:
+        return f"{num_edits} edits with no norm constraint (norm_weight=0; method='encore' adds one)"
+    return f"{num_edits} edits so far; a larger norm_weight slows the growth"
+
+
+def check_norm_growth(layer_reports: Sequence[LayerReport], config: EncoreConfig, num_edits: int) -> None:
+    """Refuse a batch past ``config.max_norm_ratio`` (raises, so edit() rolls it back); warn past
+    ``NORM_RATIO_WARNING``. Both name the layer, the figure and the settings likely responsible."""
+    worst = max(layer_reports, key=lambda r: r.weight_norm_ratio)
+    ratio = worst.weight_norm_ratio
+    if config.max_norm_ratio is not None and ratio > config.max_norm_ratio:
+        raise NormRatioExceededError(
+            f"this batch would make ‖W‖/‖W₀‖ of layer {worst.layer} {ratio:.4g}, above max_norm_ratio="
+            f"{config.max_norm_ratio} ({likely_norm_cause(config, num_edits)}); the batch was not applied")
+    if ratio > NORM_RATIO_WARNING:
+        logger.warning("After this batch ‖W‖/‖W₀‖ of layer %d is %.4g (above %.1f: the edited model is drifting "
+                       "from the base), %s. Set max_norm_ratio to refuse such batches.", worst.layer, ratio,
+                       NORM_RATIO_WARNING, likely_norm_cause(config, num_edits))
 
 
 def edited_weights_fingerprint(model: torch.nn.Module, layout: ModelLayout, layers: Sequence[int]) -> str:
@@ -61,6 +100,57 @@ def edited_weights_fingerprint(model: torch.nn.Module, layout: ModelLayout, laye
         weight = module.original_weight if isinstance(module, EncoreLayer) else module.weight
         named.append((f"{layer}.{layout.mlp_out}", weight))
     return tensors_fingerprint(named)
+
+
+def base_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's parameters and buffers by their unwrapped names, read through Encore wrappers (original
+    weights while merged; no deltas)."""
+    named = dict(model.named_parameters())
+    named.update(model.named_buffers())
+    for name, module in model.named_modules():
+        if isinstance(module, EncoreLayer) and module.merged:
+            named[f"{name}.base_layer.weight"] = module.original_weight
+    return {name.replace(".base_layer.", "."): t for name, t in named.items() if ".encore_delta." not in name}
+
+
+def parts_fingerprint(model: torch.nn.Module, layout: ModelLayout) -> dict[str, str]:
+    """A sampled fingerprint of each part of the model: every decoder block, and every module outside them
+    (embeddings, final norm, unembedding).
+
+    The keys an edit is solved for depend on every layer below the edited ones and its targets on the whole model,
+    so an adapter must meet the same weights everywhere. Hashing every byte of an 8B model takes minutes; a
+    strided sample of each tensor (names, shapes, dtypes and ``PARTS_FINGERPRINT_SAMPLES`` values) takes
+    milliseconds and still tells another model, quantisation or fine-tune apart.
+    """
+    prefix = layout.block_path + "."
+    groups: dict[str, list[tuple[str, torch.Tensor]]] = {}
+    for name, tensor in base_parameters(model).items():
+        if name.startswith(prefix):
+            part = prefix + name[len(prefix):].split(".", 1)[0]
+        else:
+            part = name.rsplit(".", 1)[0] if "." in name else name
+        groups.setdefault(part, []).append((name, tensor))
+    return {part: tensors_fingerprint(named, samples=PARTS_FINGERPRINT_SAMPLES) for part, named in groups.items()}
+
+
+def base_mismatch(recorded: Mapping[str, str], actual: Mapping[str, str]) -> list[str]:
+    """The parts whose fingerprints differ, or that one side lacks (sorted, blocks in numeric order)."""
+    differ = [p for p in set(recorded) | set(actual) if recorded.get(p) != actual.get(p)]
+    return sorted(differ, key=lambda p: [int(x) if x.isdigit() else x for x in p.split(".")])
+
+
+def edited_layer_shapes(model: torch.nn.Module, config: EncoreConfig) -> dict[int, tuple[int, int]]:
+    """(d_v, d_k) of W_out at each layer ``config`` edits: the shape of that layer's delta."""
+    layout = resolve_layout(model, config.block_path, config.mlp_out)
+    blocks = get_blocks(model, layout)
+    layers = layers_for(model, layout, config.layers)
+    shapes = {}
+    for layer in layers:
+        module = blocks[layer].get_submodule(layout.mlp_out)
+        d_k, d_v = (module.in_features, module.out_features) if isinstance(module, EncoreLayer) else \
+            base_in_out_features(module)
+        shapes[layer] = (d_v, d_k)
+    return shapes
 
 
 class EncoreModel(BaseTuner):
@@ -95,13 +185,21 @@ class EncoreModel(BaseTuner):
         if config.gguf_file is None:
             config.gguf_file = getattr(model, "gguf_file", None)
         actual = edited_weights_fingerprint(model, layout, config.layers)
+        parts = parts_fingerprint(model, layout)
+        differ = base_mismatch(config.base_model_parts_fingerprint, parts) \
+            if config.base_model_parts_fingerprint is not None else []
         if config.base_model_fingerprint is None:
             config.base_model_fingerprint = actual
-        elif config.base_model_fingerprint != actual:
-            message = (f"Adapter {adapter_name!r} was made for another base model: the weights of its edited layers "
-                       f"{config.layers} do not match (fingerprint {config.base_model_fingerprint}, this model "
-                       f"{actual}; made on {config.base_model_name_or_path!r}"
-                       f"{', GGUF ' + config.gguf_file if config.gguf_file else ''}). Its edits were solved "
+        if config.base_model_parts_fingerprint is None:
+            config.base_model_parts_fingerprint = parts
+        if config.base_model_fingerprint != actual or differ:
+            where = (f"these parts differ: {', '.join(differ[:8])}{' …' if len(differ) > 8 else ''} "
+                     f"({len(differ)} of {len(parts)})" if differ else
+                     f"the weights of its edited layers {config.layers} differ")
+            made_on = ", ".join(x for x in (config.base_model_name_or_path and repr(config.base_model_name_or_path),
+                                            config.gguf_file and f"GGUF {config.gguf_file}") if x)
+            message = (f"Adapter {adapter_name!r} was made for another base model{f' ({made_on})' if made_on else ''}"
+                       f": {where}. Its edits were solved "
                        "against those weights. To attach it anyway, pass ignore_base_mismatch=True to "
                        "hf_encore.from_pretrained / load_adapter.")
             if not getattr(config, "_ignore_base_mismatch", False):
@@ -376,7 +474,14 @@ class EncoreModel(BaseTuner):
                 preserved = lam_p * c0.c0 if lam_p else torch.zeros_like(c0.c0)
                 if prev is not None:
                     preserved = preserved + prev
-                update = solve_update(keys, residual, preserved, ridge, projector)
+                try:
+                    update = solve_update(keys, residual, preserved, ridge, projector)
+                except torch.linalg.LinAlgError as err:
+                    raise ValueError(
+                        f"layer {layer}: the update is not determined: C₀ (from {c0.n_tokens} tokens) leaves key "
+                        f"directions that preservation_weight={config.preservation_weight} and norm_weight="
+                        f"{config.norm_weight} do not regularise; use a larger statistics corpus or a positive "
+                        f"norm_weight ({err})") from err
                 if not torch.isfinite(update).all():
                     raise FloatingPointError(f"non-finite update at layer {layer}")
                 delta = modules[layer].encore_delta[adapter]
@@ -388,6 +493,7 @@ class EncoreModel(BaseTuner):
                 layer_reports.append(LayerReport(layer, float(update.norm()), w_norm / w0_norm))
                 seconds["solve"] += time.perf_counter() - tick
 
+        check_norm_growth(layer_reports, config, state.num_edits + len(parsed))
         p_after = target_probabilities(access, prepared, pad_id, budget)
         state.prev_key_moments.update(new_moments)
         state.num_edits += len(parsed)

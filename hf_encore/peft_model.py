@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 from typing import Any, Optional
 
 import torch
 from peft import PeftModelForCausalLM
+from safetensors import safe_open
 
 from .config import EncoreConfig
+from .editing.state import EditState, LayerStatistics
+from .model import edited_layer_shapes
+from .save_transaction import recover_interrupted_save, save_transaction
 from .serialization import (
-    ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterFileError, atomic_directory, cast_safetensors, parse_dtype, read_edit_state,
-    read_json, verify_adapter_directory, write_edit_state,
+    ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterFileError, cast_safetensors, check_adapter_config,
+    check_state_fits, parse_dtype, read_edit_state, read_json, verify_adapter_directory, write_edit_state,
 )
 
 _HUB_KWARGS = ("subfolder", "revision", "token", "cache_dir")
@@ -31,10 +36,17 @@ logger = logging.getLogger(__name__)
 def resolve_adapter_dir(model_id: str | os.PathLike, *, subfolder: str | None = None, revision: str | None = None,
                         token: str | None = None, cache_dir: str | None = None) -> Path:
     """A local directory for ``model_id``: the directory itself, or a Hub snapshot (``HF_HUB_OFFLINE=1`` reads the
-    local Hub cache only)."""
+    local Hub cache only). ``subfolder`` must be a relative path inside it."""
+    if subfolder is not None:
+        parts = PurePosixPath(str(subfolder)).parts
+        if (not parts or PurePosixPath(str(subfolder)).is_absolute() or ".." in parts or "\\" in str(subfolder)):
+            raise AdapterFileError(f"subfolder {subfolder!r}: must be a relative path inside the adapter repository")
     path = Path(model_id)
     if path.is_dir():
         directory = path
+        recovered = recover_interrupted_save(path)  # a save killed mid-commit: finish it or restore the previous one
+        if recovered:
+            logger.warning("%s", recovered)
     elif path.exists() or str(model_id).startswith((".", "/", "~")) or str(model_id).count("/") != 1:
         raise AdapterFileError(f"{model_id}: no such adapter directory")
     else:
@@ -43,7 +55,7 @@ def resolve_adapter_dir(model_id: str | os.PathLike, *, subfolder: str | None = 
         patterns = [f"{subfolder}/*"] if subfolder else None
         directory = Path(snapshot_download(repo_id=str(model_id), revision=revision, token=token,
                                            cache_dir=cache_dir, allow_patterns=patterns))
-    return directory / subfolder if subfolder else directory
+    return directory.joinpath(*PurePosixPath(str(subfolder)).parts) if subfolder else directory
 
 
 def _split_hub_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -52,11 +64,48 @@ def _split_hub_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str,
 
 
 def read_config(directory: Path, ignore_base_mismatch: bool = False) -> EncoreConfig:
-    """The adapter's EncoreConfig; an unreadable file raises :class:`AdapterFileError` naming it."""
-    read_json(directory / ADAPTER_CONFIG)
-    config = EncoreConfig.from_pretrained(str(directory))
+    """The adapter's EncoreConfig; an unreadable, foreign or invalid file raises :class:`AdapterFileError` naming
+    it."""
+    path = directory / ADAPTER_CONFIG
+    check_adapter_config(read_json(path), path)
+    try:
+        config = EncoreConfig.from_pretrained(str(directory))
+    except (ValueError, TypeError) as err:
+        raise AdapterFileError(f"{path}: {err}") from err
     config._ignore_base_mismatch = ignore_base_mismatch  # read by the tuner when it attaches the adapter
     return config
+
+
+@dataclass
+class CheckedAdapter:
+    """An adapter directory whose files have been verified against the model they are about to be attached to."""
+
+    directory: Path
+    config: EncoreConfig
+    meta: dict | None  # encore_state.json, None when the adapter has no editing state
+    state: EditState | None
+    statistics: dict[int, LayerStatistics]
+
+
+def check_adapter(directory: Path, model: torch.nn.Module, ignore_base_mismatch: bool = False) -> CheckedAdapter:
+    """Verify every file of ``directory`` and that its deltas and editing state have the sizes of ``model``'s
+    edited layers, before anything is attached: a refused adapter leaves the model untouched."""
+    meta = verify_adapter_directory(directory)
+    config = read_config(directory, ignore_base_mismatch)
+    shapes = edited_layer_shapes(model, config)
+    expected = {(d_v, d_k) for d_v, d_k in shapes.values()}
+    weights = directory / ADAPTER_WEIGHTS
+    with safe_open(str(weights), "pt") as f:
+        found = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    wrong = {key: shape for key, shape in found.items() if shape not in expected}
+    if wrong or len(found) != len(shapes):
+        raise AdapterFileError(f"{weights}: expected {len(shapes)} deltas of shape {sorted(expected)} for layers "
+                               f"{config.layers} of this model, found {len(found)}"
+                               f"{', e.g. ' + str(next(iter(wrong.items()))) if wrong else ''}")
+    state, statistics = read_edit_state(directory, meta) if meta is not None else (None, {})
+    if state is not None:
+        check_state_fits(state, statistics, {layer: d_k for layer, (_, d_k) in shapes.items()}, directory)
+    return CheckedAdapter(directory, config, meta, state, statistics)
 
 
 class EncorePeftModel(PeftModelForCausalLM):
@@ -100,7 +149,7 @@ class EncorePeftModel(PeftModelForCausalLM):
             raise ValueError(f"No adapter(s) {unknown}; have {sorted(self.peft_config)}")
         kwargs.setdefault("save_embedding_layers", False)  # else PEFT probes the Hub for the base config
         tuner = self.base_model
-        with atomic_directory(save_directory) as staging:
+        with save_transaction(save_directory) as staging:
             super().save_pretrained(str(staging), selected_adapters=adapters, **kwargs)
             for name in adapters:
                 out = staging if name == "default" else staging / name
@@ -125,23 +174,30 @@ class EncorePeftModel(PeftModelForCausalLM):
         if is_trainable:
             raise ValueError("Encore deltas are written in closed form by edit(), not trained; load with "
                              "is_trainable=False")
+        checked = kwargs.pop("_encore_checked", None)  # from hf_encore.from_pretrained: already verified
         hub, kwargs = _split_hub_kwargs(kwargs)
-        directory = resolve_adapter_dir(model_id, **hub)
-        meta = verify_adapter_directory(directory)
-        if adapter_name not in self.peft_config:
-            config = read_config(directory, ignore_base_mismatch)
+        if checked is None:
+            directory = resolve_adapter_dir(model_id, **hub)
+            checked = check_adapter(directory, self.base_model.model, ignore_base_mismatch)
+        added = adapter_name not in self.peft_config
+        if added:
+            config = checked.config
             config.inference_mode = True
             self.add_adapter(adapter_name, config)
-        result = super().load_adapter(str(directory), adapter_name, is_trainable=False, **kwargs)
-        if meta is not None:
-            state, statistics = read_edit_state(directory, meta)
-            tuner = self.base_model
-            tuner.edit_states[adapter_name] = state
-            for layer, stats in statistics.items():
-                tuner._stats[state.stats_refs[layer]["cache_key"]] = stats
+        try:
+            result = super().load_adapter(str(checked.directory), adapter_name, is_trainable=False, **kwargs)
+        except BaseException:
+            if added:  # leave the model as it was
+                self.delete_adapter(adapter_name)
+            raise
+        tuner = self.base_model
+        if checked.state is not None:
+            tuner.edit_states[adapter_name] = checked.state
+            for layer, stats in checked.statistics.items():
+                tuner._stats[checked.state.stats_refs[layer]["cache_key"]] = stats
         else:
             logger.warning("%s has no editing state (saved by plain PEFT or with save_editing_state=False): its "
-                           "edits apply, but further edits need start_new_memory=True", directory)
+                           "edits apply, but further edits need start_new_memory=True", checked.directory)
         return result
 
     def push_to_hub(self, repo_id: str, **kwargs: Any):  # noqa: D401 - same contract as hf_encore.push_to_hub
@@ -168,16 +224,17 @@ def from_pretrained(
     ``ignore_base_mismatch=True``; :class:`~hf_encore.serialization.AdapterFileError` for a damaged file.
     """
     hub, kwargs = _split_hub_kwargs(kwargs)
-    directory = resolve_adapter_dir(model_id, **hub)  # the files are checked once, by load_adapter
-    config = read_config(directory, ignore_base_mismatch)
+    directory = resolve_adapter_dir(model_id, **hub)
     if model is None:
         from .models import load_model
 
+        config = read_config(directory, ignore_base_mismatch)
         if not config.base_model_name_or_path:
             raise ValueError(f"{directory} does not name its base model: pass the model")
         model, loaded_tokenizer = load_model(config.base_model_name_or_path, gguf_file=config.gguf_file)
         tokenizer = tokenizer or loaded_tokenizer
-    peft_model = EncorePeftModel.from_pretrained(model, str(directory), adapter_name=adapter_name, config=config,
-                                                 **kwargs)
+    checked = check_adapter(directory, model, ignore_base_mismatch)  # before the model is touched
+    peft_model = EncorePeftModel.from_pretrained(model, str(directory), adapter_name=adapter_name,
+                                                 config=checked.config, _encore_checked=checked, **kwargs)
     peft_model.base_model.set_editing_inputs(tokenizer, corpus)
     return peft_model

@@ -58,3 +58,11 @@ def cases(shared_data):
     from hf_encore.data import load_counterfact
 
     return load_counterfact(shared_data / "counterfact" / "counterfact-edit.json")
+
+
+# Property-based tests: random examples while developing, a fixed sequence in CI (a red CI must be reproducible).
+from hypothesis import settings as hypothesis_settings  # noqa: E402
+
+hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    hypothesis_settings.load_profile("ci")

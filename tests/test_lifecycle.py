@@ -60,8 +60,9 @@ def edited(smollm2, tokenizer, corpus_path, stats_cache):
 def test_save_writes_state_and_every_loader_gives_identical_logits(edited, smollm2_dir, tokenizer, tmp_path):
     out = tmp_path / "adapter"
     edited.save_pretrained(out)
-    assert sorted(os.listdir(out)) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
-                                       "encore_ledger.jsonl", "encore_state.json", "encore_state.safetensors"]
+    assert sorted(os.listdir(out)) == [".encore.lock", "README.md", "adapter_config.json", "adapter_model.safetensors",
+                                       "encore_ledger.jsonl", "encore_manifest.json", "encore_state.json",
+                                       "encore_state.safetensors"]
     config = json.loads((out / "adapter_config.json").read_text())
     assert "ledger" not in config and "context_templates" not in config  # growing state is kept out of the config
     ledger = [json.loads(line) for line in (out / "encore_ledger.jsonl").read_text().splitlines()]
@@ -140,11 +141,13 @@ def test_other_base_weights_are_refused_unless_overridden(edited, smollm2_dir, t
     loaded = hf_encore.from_pretrained(other, tmp_path / "adapter", ignore_base_mismatch=True)
     # The override is not written back: the recorded fingerprint is still that of the original base.
     assert loaded.peft_config["default"].base_model_fingerprint == edited.peft_config["default"].base_model_fingerprint
-    # Weights outside the edited layers do not matter to the deltas.
-    fine = load_model(str(smollm2_dir))[0]
+    # Weights outside the edited layers matter too (keys and targets were computed through all of them), and the
+    # error names the part that differs.
+    above = load_model(str(smollm2_dir))[0]
     with torch.no_grad():
-        fine.model.layers[10].mlp.down_proj.weight[0, 0] += 1e-3
-    hf_encore.from_pretrained(fine, tmp_path / "adapter")
+        above.model.layers[10].mlp.down_proj.weight[0, 0] += 1e-3
+    with pytest.raises(BaseModelMismatchError, match=r"these parts differ: model.layers.10 \(1 of 33\)"):
+        hf_encore.from_pretrained(above, tmp_path / "adapter")
 
 
 @pytest.mark.parametrize("damage,file", [
@@ -250,7 +253,7 @@ def test_push_to_a_fake_hub_and_load_back_offline(edited, smollm2_dir, tokenizer
     files = hub.repos["team/sports-edits"]
     assert hub.private["team/sports-edits"] and info.oid == hub.commits["team/sports-edits"]
     assert set(files) == {"README.md", "adapter_config.json", "adapter_model.safetensors", "encore_ledger.jsonl",
-                          "encore_state.json", "encore_state.safetensors"}
+                          "encore_manifest.json", "encore_state.json", "encore_state.safetensors"}
     card = files["README.md"].decode()
     assert card.startswith("---\nlibrary_name: peft\n") and "- knowledge-editing" in card
     assert "| efficacy | 1.000 |" in card and "| football |" in card and "1 facts written" in card

@@ -37,6 +37,14 @@ def fill_adapter(model, seed: int = 0, adapter: str = "default") -> None:
         state.prev_key_moments[layer] = keys @ keys.T
     state.context_templates = ["{}", "Once upon a time. {}"]
     state.num_edits, state.num_batches = 8 + seed, 1
+    request = {"prompt": "{} plays the sport of", "subject": f"Player {seed}", "target_new": "football",
+               "target_true": None}
+    state.ledger = [{"batch": 1, "time": 1.7e9, "method": model.peft_config[adapter].method, "settings": {},
+                     "requests": [request],
+                     "report": {"requests": [{**request, "steps": 3, "mpes_stopped": False, "p_target_before": 0.01,
+                                              "p_target_after": 0.9, "final_loss": 0.1}],
+                                "layers": [{"layer": layer, "update_norm": 0.1, "weight_norm_ratio": 1.01}
+                                           for layer in model.peft_config[adapter].layers]}}]
 
 
 def tiny_adapter(seed: int = 0, base_seed: int = 0, method: str = "memit"):

@@ -60,6 +60,13 @@ def parse_requests(requests: Sequence[Mapping[str, Any] | EditRequest]) -> list[
         if prompt.replace("{}", "").count("{") or prompt.replace("{}", "").count("}"):
             raise ValueError(f"request {i}: field 'prompt' has stray braces besides the '{{}}' placeholder")
         parsed.append(EditRequest(prompt, subject, target_new, target_true))
+    first: dict[tuple[str, str], int] = {}
+    for i, req in enumerate(parsed):
+        j = first.setdefault((req.prompt, req.subject), i)
+        if parsed[j].target_new != req.target_new:
+            # One key cannot be mapped to two values: the solve would average them and write neither.
+            raise ValueError(f"requests {j} and {i} ask for different targets ({parsed[j].target_new!r}, "
+                             f"{req.target_new!r}) for the same prompt {req.text!r}; keep one")
     return parsed
 
 
@@ -100,8 +107,8 @@ def target_token_ids(tokenizer, target: str) -> list[int]:
     ids = [t for t in ids if t not in special]
     if len(ids) > 1 and tokenizer.decode([ids[0]]).strip() == "":
         ids = ids[1:]
-    if not ids:
-        raise ValueError(f"the target {target!r} tokenises to nothing")
+    if not ids or not tokenizer.decode(ids).strip():
+        raise ValueError(f"the target {target!r} has no text besides special tokens and spaces")
     return ids
 
 

@@ -50,7 +50,9 @@ def read_corpus(corpus: Corpus) -> CorpusTexts:
         files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
         if not files or not all(f.is_file() for f in files):
             raise FileNotFoundError(f"statistics corpus not found: {path}")
-        texts = [line.strip() for f in files for line in f.read_text(encoding="utf-8").splitlines()]
+        from ..data import read_user_text  # UTF-8 with or without a BOM, else an error naming the file
+
+        texts = [line.strip() for f in files for line in read_user_text(f).splitlines()]
         # WikiText headings (" = Title = ") are not running text.
         texts = [t for t in texts if t and not (t.startswith("=") and t.endswith("="))]
         description = ", ".join(f.name for f in files)
@@ -174,8 +176,11 @@ def save_cached(path: Path, c0: torch.Tensor, metadata: dict[str, str]) -> None:
             os.unlink(tmp)
 
 
-def tensors_fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
-    """A hash of named tensors: names, shapes, dtypes and bytes (shared storage counted once)."""
+def tensors_fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]], samples: int | None = None) -> str:
+    """A hash of named tensors: names, shapes, dtypes and bytes (shared storage counted once).
+
+    ``samples``: hash only that many evenly spaced elements of each tensor (bounded time on large models).
+    """
     digest = hashlib.blake2b(digest_size=16)
     seen: set[int] = set()
     for name, tensor in named_tensors:
@@ -183,7 +188,10 @@ def tensors_fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> st
             continue
         seen.add(tensor.data_ptr())
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        t = tensor.detach().contiguous().cpu().reshape(-1)  # 0-dim buffers (Gemma's embedding scale) too
+        t = tensor.detach().reshape(-1)  # 0-dim buffers (Gemma's embedding scale) too
+        if samples is not None and t.numel() > samples:
+            t = t[torch.arange(samples, device=t.device) * (t.numel() - 1) // (samples - 1)]  # exact in int64
+        t = t.contiguous().cpu()
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 
