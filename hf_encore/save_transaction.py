@@ -212,7 +212,7 @@ def check_save_target(path: str | os.PathLike) -> None:
     if not os.path.isdir(path):
         raise SaveTargetError(f"{path} exists and is not a directory; refusing to save an adapter there")
     entries = _visible_entries(path)
-    if not entries:
+    if not entries or os.path.lexists(path / _JOURNAL):  # an interrupted save: recovered under the lock first
         return
     try:
         if read_manifest(path) is not None or _is_legacy_adapter_dir(path):
