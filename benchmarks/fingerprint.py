@@ -1,0 +1,66 @@
+"""Time of the base-model check an adapter makes when it is attached: the sampled per-part fingerprint
+(hf_encore.model.parts_fingerprint) against a full hash of every weight (hf_encore.editing.stats.model_fingerprint),
+on the built-in model and on one decoder block shaped like Llama-3-8B's (bf16), scaled to its 32 blocks.
+Prints figures, writes JSON.
+
+    python benchmarks/fingerprint.py --out docs/results/fingerprint.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hf_encore.architectures import resolve_layout
+from hf_encore.editing.stats import model_fingerprint
+from hf_encore.model import PARTS_FINGERPRINT_SAMPLES, parts_fingerprint
+from hf_encore.models import ensure_builtin, load_model
+
+
+def seconds(work, repeats: int) -> float:
+    """The best of ``repeats`` timed runs, after one untimed run."""
+    work()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure(model, repeats: int) -> dict:
+    layout = resolve_layout(model, None, None)
+    return {"parameters": sum(p.numel() for p in model.parameters()),
+            "sampled_s": seconds(lambda: parts_fingerprint(model, layout), repeats),
+            "full_s": seconds(lambda: model_fingerprint(model), repeats)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    results = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+               "samples_per_tensor": PARTS_FINGERPRINT_SAMPLES}
+    results[args.model] = measure(load_model(str(ensure_builtin(args.model)))[0], args.repeats)
+    block = LlamaConfig(vocab_size=128, hidden_size=4096, intermediate_size=14336, num_hidden_layers=1,
+                        num_attention_heads=32, num_key_value_heads=8)
+    one = measure(LlamaForCausalLM(block).to(torch.bfloat16), args.repeats)
+    results["llama3-8b-block-bf16"] = {**one, "x32_blocks_sampled_s": 32 * one["sampled_s"],
+                                        "x32_blocks_full_s": 32 * one["full_s"]}
+    text = json.dumps(results, indent=1)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
