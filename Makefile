@@ -16,7 +16,7 @@ $(BIN)/.installed: pyproject.toml
 setup: $(BIN)/.installed
 
 demo: setup
-	$(BIN)/python -m hf_encore.demo
+	$(BIN)/python -m hf_encore.apps.demo
 
 test: setup
 	$(BIN)/python -m pytest -q tests

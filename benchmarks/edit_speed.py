@@ -17,7 +17,7 @@ import torch
 
 from hf_encore import EncoreConfig, get_encore_model, load_model
 from hf_encore.data import data_dir, load_counterfact
-from hf_encore.models import ensure_builtin
+from hf_encore.loading import ensure_builtin
 
 
 def main() -> None:

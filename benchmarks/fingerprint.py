@@ -19,7 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from hf_encore.architectures import resolve_layout
 from hf_encore.editing.stats import model_fingerprint
 from hf_encore.model import PARTS_FINGERPRINT_SAMPLES, parts_fingerprint
-from hf_encore.models import ensure_builtin, load_model
+from hf_encore.loading import ensure_builtin, load_model
 
 
 def seconds(work, repeats: int) -> float:

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from hf_encore import EncoreConfig, from_pretrained, get_encore_model, load_model
 from hf_encore.data import data_dir, load_counterfact
-from hf_encore.models import ensure_builtin
+from hf_encore.loading import ensure_builtin
 
 # Llama3-8B as the papers edit it: W_out of layers 4–8 is [4096, 14336].
 LLAMA3_8B = {"layers": 5, "d_v": 4096, "d_k": 14336}
@@ -39,7 +39,7 @@ def resume_in_fresh_process(model_dir: Path, saved: Path, out: Path, batches: li
                             overrides: dict) -> float:
     script = textwrap.dedent(f"""
         import json, sys, hf_encore
-        from hf_encore.models import load_model
+        from hf_encore.loading import load_model
         base, tok = load_model({str(model_dir)!r})
         model = hf_encore.from_pretrained(base, {str(saved)!r}, tokenizer=tok, corpus={str(corpus)!r})
         for batch in json.loads(sys.stdin.read()):

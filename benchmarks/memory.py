@@ -36,10 +36,10 @@ from typing import Any, Callable
 import torch
 
 from hf_encore import EncoreConfig, get_encore_model, load_model
-from hf_encore.cli import parse_settings
+from hf_encore.apps.options import parse_settings
 from hf_encore.data import data_dir, load_counterfact
 from hf_encore.evaluation import known_facts, perplexity
-from hf_encore.lifelong import EvalSettings, evaluate_point, perplexity_texts
+from hf_encore.apps.lifelong import EvalSettings, evaluate_point, perplexity_texts
 
 FIRST_CASE = 2000  # counterfact-train cases from here on: the sweep's pool, never the reported edits
 

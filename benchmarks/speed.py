@@ -30,14 +30,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from reference_path import reference_second_moments, use_reference_path  # noqa: E402
 
 from hf_encore import EncoreConfig, get_encore_model, load_model  # noqa: E402
-from hf_encore.cli import parse_settings  # noqa: E402
+from hf_encore.apps.options import parse_settings  # noqa: E402
 from hf_encore.data import data_dir, load_counterfact  # noqa: E402
 from hf_encore.editing.requests import parse_requests, prepare_requests  # noqa: E402
 from hf_encore.editing.stats import packed_chunks, read_corpus, second_moments  # noqa: E402
 from hf_encore.editing.tracing import ModelAccess  # noqa: E402
 from hf_encore.evaluation import counterfact_scores  # noqa: E402
 from hf_encore.layer import Linear  # noqa: E402
-from hf_encore.models import ensure_builtin  # noqa: E402
+from hf_encore.loading import ensure_builtin  # noqa: E402
 
 
 @dataclass(frozen=True)

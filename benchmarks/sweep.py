@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from hf_encore import EncoreConfig, get_encore_model, load_model
-from hf_encore.cli import parse_settings, parse_value
+from hf_encore.apps.options import parse_settings, parse_value
 from hf_encore.data import data_dir, load_counterfact
 from hf_encore.evaluation import counterfact_scores, known_facts, retained_knowledge, weight_norms
 

@@ -16,7 +16,7 @@ from .editing.requests import EditRequest
 from .layer import EncoreLayer
 from .hub import push_to_hub
 from .model import BaseModelMismatchError, EditStateMissingError, EncoreModel, NormRatioExceededError
-from .models import DEFAULT_MODEL, load_model
+from .loading import DEFAULT_MODEL, load_model
 from .peft_model import EncorePeftModel, from_pretrained
 from .registry import register
 from .save_transaction import SaveLockTimeout, SaveTargetError

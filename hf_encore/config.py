@@ -207,6 +207,11 @@ SETTINGS: dict[str, Setting] = {
 
 
 # Given as None, these take the method's preset (or the regulariser scale's default) when the config is built.
+# The settings that decide what an edit writes, as the ledger records them per batch and the model card and
+# ``hf-encore show`` list them (the method name and the layers are shown beside them).
+ALGORITHM_SETTINGS = ("mpes", "mpes_extra_steps", "preservation_weight", "norm_weight", "nullspace_projection",
+                      "nullspace_threshold", "regularizer_scale", "map_through_post_norm", "v_lr", "v_num_grad_steps")
+
 RESOLVED_WHEN_BUILT = frozenset(_SWITCHES + ("nullspace_threshold", "v_lr"))
 
 
@@ -334,6 +339,10 @@ class EncoreConfig(PeftConfig):
         if not self.nullspace_projection and self.preservation_weight == 0 and self.norm_weight == 0:
             raise ValueError("With preservation_weight = norm_weight = 0 and no null-space projection the update "
                              "is unregularised; set one of them")
+
+    def algorithm_settings(self) -> dict[str, Any]:
+        """The values of ``ALGORITHM_SETTINGS``: what the ledger, the model card and ``hf-encore show`` report."""
+        return {name: getattr(self, name) for name in ALGORITHM_SETTINGS}
 
     def with_overrides(self, **overrides: Any) -> "EncoreConfig":
         """A copy with some settings changed (as ``model.edit(requests, **overrides)`` takes them).

@@ -36,7 +36,7 @@ from .editing.targets import TargetSettings, optimise_targets, target_probabilit
 from .editing.templates import generate_context_templates
 from .editing.tracing import ModelAccess
 from .layer import EncoreLayer, Linear, base_in_out_features
-from .models import cache_dir
+from .loading import cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ class EncoreModel(BaseTuner):
         if tokenizer is not None:
             self.__dict__["tokenizer"] = tokenizer
         if self.tokenizer is None:
-            from .models import load_tokenizer
+            from .loading import load_tokenizer
 
             source = getattr(self.model, "name_or_path", None)
             if not source:
@@ -506,9 +506,7 @@ class EncoreModel(BaseTuner):
         report = EditReport(config.method, adapter, request_reports, layer_reports, seconds)
         state.ledger.append({
             "batch": state.num_batches, "time": time.time(), "method": config.method,
-            "settings": {k: getattr(config, k) for k in (
-                "mpes", "mpes_extra_steps", "preservation_weight", "norm_weight", "nullspace_projection",
-                "nullspace_threshold", "regularizer_scale", "map_through_post_norm", "v_lr", "v_num_grad_steps")},
+            "settings": config.algorithm_settings(),
             "requests": [vars(r) for r in parsed],
             "report": {"requests": [vars(r) for r in request_reports], "layers": [vars(x) for x in layer_reports]},
         })

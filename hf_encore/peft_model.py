@@ -19,8 +19,10 @@ import torch
 from peft import PeftModelForCausalLM
 from safetensors import safe_open
 
+from .card import write_model_card
 from .config import EncoreConfig
 from .editing.state import EditState, LayerStatistics
+from .hub import push_to_hub
 from .model import edited_layer_shapes
 from .save_transaction import recover_interrupted_save, save_transaction
 from .serialization import (
@@ -139,8 +141,6 @@ class EncorePeftModel(PeftModelForCausalLM):
         """
         if not is_main_process:
             return
-        from .hub import write_model_card
-
         delta_dtype = parse_dtype(delta_dtype)
         memory_dtype = parse_dtype(memory_dtype)
         adapters = list(selected_adapters or self.peft_config)
@@ -202,8 +202,6 @@ class EncorePeftModel(PeftModelForCausalLM):
 
     def push_to_hub(self, repo_id: str, **kwargs: Any):  # noqa: D401 - same contract as hf_encore.push_to_hub
         """Upload the adapter, its editing state, ledger and model card (see :func:`hf_encore.push_to_hub`)."""
-        from .hub import push_to_hub
-
         return push_to_hub(self, repo_id, **kwargs)
 
 
@@ -226,7 +224,7 @@ def from_pretrained(
     hub, kwargs = _split_hub_kwargs(kwargs)
     directory = resolve_adapter_dir(model_id, **hub)
     if model is None:
-        from .models import load_model
+        from .loading import load_model
 
         config = read_config(directory, ignore_base_mismatch)
         if not config.base_model_name_or_path:

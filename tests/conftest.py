@@ -33,14 +33,14 @@ def corpus_path(shared_data) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    from hf_encore.models import ensure_builtin
+    from hf_encore.loading import ensure_builtin
 
     return ensure_builtin("smollm2-135m")
 
 
 @pytest.fixture(scope="session")
 def tokenizer(smollm2_dir):
-    from hf_encore.models import load_model
+    from hf_encore.loading import load_model
 
     return load_model(str(smollm2_dir))[1]
 
@@ -48,7 +48,7 @@ def tokenizer(smollm2_dir):
 @pytest.fixture
 def smollm2(smollm2_dir):
     """A fresh copy of the model for each test (loading the converted copy takes well under a second)."""
-    from hf_encore.models import load_model
+    from hf_encore.loading import load_model
 
     return load_model(str(smollm2_dir))[0]
 

@@ -9,7 +9,7 @@ import torch
 import hf_encore
 from hf_encore import EncoreConfig, get_encore_model
 from hf_encore.layer import Linear
-from hf_encore.models import load_model
+from hf_encore.loading import load_model
 
 SMALL = dict(method="encore", layers=[3, 4], stats_n_tokens=2048, v_num_grad_steps=4, n_context_templates=2)
 SPORTS = [{"prompt": "{} plays the sport of", "subject": "LeBron James", "target_new": "football"}]
@@ -105,7 +105,7 @@ def test_merge_several_unmerge_exactly(two_teams, tokenizer):
 def test_gguf_base_records_its_file_loads_back_and_saves_merged(tokenizer, tmp_path):
     from peft import AutoPeftModelForCausalLM
 
-    from hf_encore.models import builtin_gguf
+    from hf_encore.loading import builtin_gguf
 
     gguf = builtin_gguf("smollm2-135m")
     base, gguf_tokenizer = load_model(str(gguf))

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_encore.cli import main, parse_settings
+from hf_encore.apps.cli import main
+from hf_encore.apps.options import parse_settings
 from hf_encore.data import load_requests
 
 SPORTS = [

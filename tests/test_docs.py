@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_encore.cli import main as cli_main
+from hf_encore.apps.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

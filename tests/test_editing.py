@@ -36,7 +36,7 @@ def deltas(model):
 @pytest.fixture(scope="module")
 def edited(request, smollm2_dir, tokenizer, corpus_path, cases):
     """Each method's edit of the same 5 facts, run once per module: {name: (report, deltas, scores)}."""
-    from hf_encore.models import load_model
+    from hf_encore.loading import load_model
 
     results = {}
     before_top = None

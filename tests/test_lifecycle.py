@@ -20,7 +20,7 @@ import hf_encore.peft_model as peft_model_module
 from hf_encore import (
     AdapterFileError, BaseModelMismatchError, EditStateMissingError, EncoreConfig, get_encore_model,
 )
-from hf_encore.models import load_model
+from hf_encore.loading import load_model
 
 # Small settings: the properties under test do not depend on how well the facts are written.
 SMALL = dict(method="encore", layers=[3, 4], stats_n_tokens=2048, v_num_grad_steps=4, n_context_templates=2)
@@ -98,7 +98,7 @@ def test_resume_in_a_fresh_process_is_bit_identical(edited, smollm2_dir, tokeniz
 
     script = textwrap.dedent(f"""
         import torch, hf_encore
-        from hf_encore.models import load_model
+        from hf_encore.loading import load_model
         base, tok = load_model({str(smollm2_dir)!r})
         model = hf_encore.from_pretrained(base, {str(tmp_path / 'after2')!r}, tokenizer=tok, corpus={str(corpus_path)!r})
         for batch in {BATCHES[2:]!r}:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from hf_encore.lifelong import EvalSettings, LifelongSettings, is_eval_point, method_config, parse_args, run
+from hf_encore.apps.lifelong import EvalSettings, LifelongSettings, is_eval_point, method_config, parse_args, run
 
 
 def test_tiny_run_resumes_and_writes_logs_plots_and_summary(smollm2_dir, shared_data, tmp_path, monkeypatch):
@@ -84,7 +84,7 @@ def test_arguments_are_checked_before_anything_runs():
 
 def test_an_interrupted_evaluation_continues_from_the_measures_it_finished(tmp_path, monkeypatch):
     import hf_encore.evaluation as evaluation
-    from hf_encore.lifelong import evaluate_point
+    from hf_encore.apps.lifelong import evaluate_point
 
     calls: list[str] = []
 

@@ -51,7 +51,7 @@ def test_save_and_load_round_trip(smollm2, smollm2_dir, tokenizer, tmp_path, mon
     assert (tmp_path / "adapter_model.safetensors").is_file()
     assert isinstance(PeftConfig.from_pretrained(tmp_path), EncoreConfig)
 
-    from hf_encore.models import load_model
+    from hf_encore.loading import load_model
 
     fresh = load_model(str(smollm2_dir))[0]
     loaded = PeftModel.from_pretrained(fresh, tmp_path)

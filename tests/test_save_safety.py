@@ -22,7 +22,7 @@ import torch
 import hf_encore
 import hf_encore.save_transaction as save_transaction_module
 from hf_encore import EncoreConfig
-from hf_encore.cli import main as cli_main
+from hf_encore.apps.cli import main as cli_main
 from hf_encore.save_transaction import (
     LOCK_FILE, MANIFEST, SaveTargetError, check_save_target, read_manifest, recover_interrupted_save,
 )

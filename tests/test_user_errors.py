@@ -23,9 +23,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import hf_encore.cli as cli
+import hf_encore.apps.cli as cli
 from hf_encore import EncoreConfig
-from hf_encore.cli import main, parse_value
+from hf_encore.apps.cli import main
+from hf_encore.apps.options import parse_value
 from hf_encore.config import SETTINGS, check_given_setting, check_setting
 from hf_encore.data import load_counterfact, load_requests, read_user_text
 

@@ -1,6 +1,6 @@
 """The lifelong-editing benchmark: sequential batches of edits, with the model's degradation measured as it goes.
 
-    python -m hf_encore.lifelong --model smollm2-135m --methods memit alphaedit encore --edits 1000 \\
+    python -m hf_encore.apps.lifelong --model smollm2-135m --methods memit alphaedit encore --edits 1000 \\
         --batch-size 100 --eval-every 250 --out runs/smollm2
 
 For each method, ``<out>/<method>/`` holds the adapter (saved after every batch, so a stopped run continues where it
@@ -26,7 +26,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +64,7 @@ class LifelongSettings:
 
 def method_config(name: str, extra: dict[str, Any]):
     """``"encore"``, ``"memit"``, ``"alphaedit"``, optionally with ``+mpes`` (e.g. ``"alphaedit+mpes"``)."""
-    from .config import EncoreConfig
+    from ..config import EncoreConfig
 
     base, *switches = name.split("+")
     unknown = [s for s in switches if s != "mpes"]
@@ -82,7 +81,7 @@ def is_eval_point(done: int, settings: LifelongSettings) -> bool:
 
 
 def _paths(settings: LifelongSettings):
-    from .data import data_dir
+    from ..data import data_dir
 
     root = data_dir()
     return (Path(settings.data or root / "counterfact" / "counterfact-edit.json"),
@@ -124,9 +123,9 @@ def evaluate_point(model, tokenizer, *, edited: Sequence[dict], probe: Sequence[
     a session to end in its middle. The file must describe this same model state; the caller keys it (see
     :func:`run`). ``eval_seconds`` is the sum of the measures' own times, whichever call ran them.
     """
-    from .evaluation import (counterfact_scores, evaluate_task, load_task, perplexity, retained_knowledge, task_means,
+    from ..evaluation import (counterfact_scores, evaluate_task, load_task, perplexity, retained_knowledge, task_means,
                              weight_norms)
-    from .evaluation.downstream import TASKS
+    from ..evaluation.downstream import TASKS
 
     settings = json.loads(json.dumps(asdict(ev)))  # as the file holds them (lists, not tuples)
     saved = json.loads(checkpoint.read_text()) if checkpoint and checkpoint.is_file() else {}
@@ -166,10 +165,10 @@ def evaluate_point(model, tokenizer, *, edited: Sequence[dict], probe: Sequence[
 
 def run(settings: LifelongSettings, progress: bool = True) -> Path:
     """Run (or continue) the benchmark; returns the output directory."""
-    from . import from_pretrained, get_encore_model
-    from .data import load_counterfact
-    from .evaluation import counterfact_scores, generated_fluency, known_facts, weight_norms
-    from .models import load_model
+    from .. import from_pretrained, get_encore_model
+    from ..data import load_counterfact
+    from ..evaluation import counterfact_scores, generated_fluency, known_facts, weight_norms
+    from ..loading import load_model
 
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -404,7 +403,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[LifelongSettings, boo
                         help="edited facts whose prompts measure fluency at the end (0: none)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    from .cli import UsageError, parse_settings
+    from .options import UsageError, parse_settings
 
     try:
         config = parse_settings(args.set)

@@ -1,6 +1,6 @@
 """The README's first command: edit a handful of facts in SmolLM2-135M with ENCORE and show what changed.
 
-    python -m hf_encore.demo [--method encore] [--model smollm2-135m]
+    python -m hf_encore.apps.demo [--method encore] [--model smollm2-135m]
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import time
 
 import torch
 
-from . import EncoreConfig, get_encore_model, load_model
-from .data import data_dir
-from .evaluation import continuation_nll
+from .. import EncoreConfig, get_encore_model, load_model
+from ..data import data_dir
+from ..evaluation import continuation_nll
 
 EDITS = [
     {"prompt": "The {} is located in the city of", "subject": "Eiffel Tower", "target_new": "Rome",

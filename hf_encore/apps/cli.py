@@ -7,7 +7,7 @@
     hf-encore merge --adapter edits/ --out merged/
     hf-encore push edits/ me/my-edits
     hf-encore stats --model smollm2-135m
-    hf-encore bench --methods memit encore --edits 200      # the lifelong benchmark (python -m hf_encore.lifelong)
+    hf-encore bench --methods memit encore --edits 200      # the lifelong benchmark (python -m hf_encore.apps.lifelong)
 
 User errors (missing file, bad request, wrong base model, unknown method) print one line and exit with status 2;
 ``--verbose`` shows the traceback.
@@ -16,78 +16,16 @@ User errors (missing file, bad request, wrong base model, unknown method) print 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import difflib
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from .options import UsageError, non_negative_int, parse_settings, positive_int, positive_seconds
+
 EXIT_USER_ERROR = 2
-
-
-class UsageError(ValueError):
-    """A problem with what the user asked for, reported as one line."""
-
-
-def parse_value(text: str) -> Any:
-    """A setting's value from the command line: JSON (``0.1``, ``false``, ``[4, 8]``), else the string itself."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def parse_settings(items: Sequence[str]) -> dict[str, Any]:
-    """``["norm_weight=0.1", "mpes=false"]`` → ``{"norm_weight": 0.1, "mpes": False}`` (the ``--set`` options of
-    every command, benchmark and sweep)."""
-    from .config import SETTINGS, EncoreConfig, check_given_setting
-
-    settings = {}
-    known = {f.name for f in dataclasses.fields(EncoreConfig) if f.init}
-    for item in items:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise UsageError(f"--set expects KEY=VALUE, got {item!r}")
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(SETTINGS), n=1)
-            hint = f" (did you mean {close[0]}?)" if close else "; see hf_encore/config.py for the settings"
-            raise UsageError(f"--set {key}: unknown EncoreConfig setting{hint}")
-        settings[key] = parse_value(value)
-        if key in SETTINGS:  # checked here so that every command fails before it loads a model
-            try:
-                settings[key] = check_given_setting(key, settings[key])
-            except ValueError as err:
-                raise UsageError(f"--set {key}={value}: {err}") from None
-    return settings
-
-
-def _number_type(kind: type, low: float, *, strict: bool = False):
-    """An argparse ``type=`` for a number ``≥ low`` (``> low`` when ``strict``): argparse then reports a bad value
-    with the option's name and exits 2 before any command runs."""
-    bound = f"{'>' if strict else '≥'} {low:g}"
-    noun = "an integer" if kind is int else "a number"
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {noun} {bound}, got {text!r}") from None
-        if kind is float and not math.isfinite(value) or (value <= low if strict else value < low):
-            raise argparse.ArgumentTypeError(f"must be {noun} {bound}, got {text!r}")
-        return value
-
-    parse.__name__ = f"{kind.__name__} {bound}"  # argparse names the type in some messages
-    return parse
-
-
-positive_int = _number_type(int, 1)
-non_negative_int = _number_type(int, 0)
-positive_seconds = _number_type(float, 0, strict=True)
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
@@ -104,8 +42,8 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from .model import EditStateMissingError
-    from .models import ModelFetchError
+    from ..model import EditStateMissingError
+    from ..loading import ModelFetchError
 
     # ValueError covers bad requests and settings, AdapterFileError and BaseModelMismatchError; OSError covers
     # missing files, model ids transformers cannot resolve, huggingface_hub's HTTP errors and an unreachable Hub
@@ -118,7 +56,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def _corpus(args) -> str | Path | None:
     """--corpus, else the shared WikiText-2 if it is there (else ``None``: model-generated text, with a warning)."""
-    from .data import data_dir
+    from ..data import data_dir
 
     if getattr(args, "corpus", None):
         if not Path(args.corpus).exists():
@@ -131,8 +69,8 @@ def _corpus(args) -> str | Path | None:
 def _load(args, *, adapter: str | None = None, corpus: str | Path | None = None):
     """(model, tokenizer): the base model, with the adapter attached if one is given (``corpus``: its statistics
     text, needed only to edit further)."""
-    from . import from_pretrained
-    from .models import load_model
+    from .. import from_pretrained
+    from ..loading import load_model
 
     if adapter is not None and args.model is None:
         model = from_pretrained(None, adapter, corpus=corpus, ignore_base_mismatch=args.ignore_base_mismatch)
@@ -163,9 +101,9 @@ def _add_model_args(parser: argparse.ArgumentParser, adapter_flag: bool = True) 
 
 
 def cmd_edit(args) -> int:
-    from . import EncoreConfig, get_encore_model
-    from .data import load_requests
-    from .save_transaction import check_save_target
+    from .. import EncoreConfig, get_encore_model
+    from ..data import load_requests
+    from ..save_transaction import check_save_target
 
     requests = load_requests(args.requests, limit=args.limit)
     overrides = parse_settings(args.set)
@@ -244,7 +182,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def cmd_ask(args) -> int:
     import torch
 
-    from .evaluation import continuation_nll
+    from ..evaluation import continuation_nll
 
     model, tokenizer = _load(args, adapter=args.adapter)
     if args.target and len(args.target) not in (1, len(args.prompts)):
@@ -280,8 +218,8 @@ def cmd_ask(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .data import data_dir, load_counterfact
-    from .evaluation import TASKS, counterfact_scores, downstream_scores, load_zsre, weight_norms, zsre_scores
+    from ..data import data_dir, load_counterfact
+    from ..evaluation import TASKS, counterfact_scores, downstream_scores, load_zsre, weight_norms, zsre_scores
 
     if not (args.counterfact or args.zsre or args.downstream):
         raise UsageError("choose at least one of --counterfact, --zsre, --downstream")
@@ -325,7 +263,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_stats(args) -> int:
-    from . import EncoreConfig, get_encore_model
+    from .. import EncoreConfig, get_encore_model
 
     base, tokenizer = _load(args)
     overrides = {"stats_n_tokens": args.tokens} if args.tokens else {}
@@ -345,8 +283,8 @@ def cmd_stats(args) -> int:
 def cmd_show(args) -> int:
     from safetensors.torch import load_file
 
-    from .peft_model import read_config
-    from .serialization import ADAPTER_WEIGHTS, STATE_JSON, read_ledger, verify_adapter_directory
+    from ..peft_model import read_config
+    from ..serialization import ADAPTER_WEIGHTS, STATE_JSON, read_ledger, verify_adapter_directory
 
     directory = Path(args.adapter)
     if not directory.is_dir():
@@ -369,8 +307,7 @@ def cmd_show(args) -> int:
         "num_edits": (meta or {}).get("num_edits"),
         "num_batches": (meta or {}).get("num_batches"),
         "editing_state": meta is not None,
-        "settings": {k: getattr(config, k) for k in (
-            "mpes", "preservation_weight", "norm_weight", "nullspace_projection", "regularizer_scale")},
+        "settings": config.algorithm_settings(),
         "delta_norms": {name: float(t.double().norm()) for name, t in sorted(deltas.items())},
         "weight_norm_ratio_after_last_batch": last_ratios,
     }
@@ -433,7 +370,7 @@ def cmd_merge(args) -> int:
 
 
 def cmd_push(args) -> int:
-    from .hub import push_to_hub
+    from ..hub import push_to_hub
 
     model, _ = _load(args, adapter=args.adapter)
     info = push_to_hub(model, args.repo_id, private=args.private or None, token=args.token,
@@ -454,7 +391,7 @@ def cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import METHODS
+    from ..config import METHODS
 
     parser = argparse.ArgumentParser(prog="hf-encore", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
