@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test clean-cache
+.PHONY: setup demo test test-fast lint clean-cache
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -18,5 +18,14 @@ setup: $(BIN)/.installed
 demo: setup
 	$(BIN)/python -m hf_encore.apps.demo
 
-test: setup
+# CI runs this: the linter, then the whole suite.
+test: lint
 	$(BIN)/python -m pytest -q tests
+
+lint: setup
+	$(BIN)/ruff check hf_encore tests benchmarks examples
+
+# The inner loop, on tiny random models: everything but the tests marked slow (the real SmolLM2, the docs and
+# examples, saves killed at every step).
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" tests

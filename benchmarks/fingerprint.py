@@ -1,7 +1,7 @@
 """Time of the base-model check an adapter makes when it is attached: the sampled per-part fingerprint
-(hf_encore.model.parts_fingerprint) against a full hash of every weight (hf_encore.editing.stats.model_fingerprint),
-on the built-in model and on one decoder block shaped like Llama-3-8B's (bf16), scaled to its 32 blocks.
-Prints figures, writes JSON.
+(hf_encore.fingerprint.parts_fingerprint) against a full hash of every weight
+(hf_encore.editing.stats.model_fingerprint), on the built-in model and on one decoder block shaped like Llama-3-8B's
+(bf16), scaled to its 32 blocks. Prints figures, writes JSON.
 
     python benchmarks/fingerprint.py --out docs/results/fingerprint.json
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 
 import torch
@@ -18,8 +17,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_encore.architectures import resolve_layout
 from hf_encore.editing.stats import model_fingerprint
-from hf_encore.model import PARTS_FINGERPRINT_SAMPLES, parts_fingerprint
+from hf_encore.fingerprint import PARTS_FINGERPRINT_SAMPLES, parts_fingerprint
 from hf_encore.loading import ensure_builtin, load_model
+
+from common import machine, write_json
 
 
 def seconds(work, repeats: int) -> float:
@@ -47,19 +48,14 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
-    results = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-               "samples_per_tensor": PARTS_FINGERPRINT_SAMPLES}
+    results = {"machine": machine(), "samples_per_tensor": PARTS_FINGERPRINT_SAMPLES}
     results[args.model] = measure(load_model(str(ensure_builtin(args.model)))[0], args.repeats)
     block = LlamaConfig(vocab_size=128, hidden_size=4096, intermediate_size=14336, num_hidden_layers=1,
                         num_attention_heads=32, num_key_value_heads=8)
     one = measure(LlamaForCausalLM(block).to(torch.bfloat16), args.repeats)
     results["llama3-8b-block-bf16"] = {**one, "x32_blocks_sampled_s": 32 * one["sampled_s"],
                                         "x32_blocks_full_s": 32 * one["full_s"]}
-    text = json.dumps(results, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    print(write_json(args.out, results, indent=1) if args.out else json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

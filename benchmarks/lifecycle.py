@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -23,9 +22,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from hf_encore import EncoreConfig, from_pretrained, get_encore_model, load_model
-from hf_encore.data import data_dir, load_counterfact
+from hf_encore import EncoreConfig, from_pretrained, load_model
 from hf_encore.loading import ensure_builtin
+
+from common import corpus_path, counterfact_cases, edit_requests, encore_model, machine, write_json
 
 # Llama3-8B as the papers edit it: W_out of layers 4–8 is [4096, 14336].
 LLAMA3_8B = {"layers": 5, "d_v": 4096, "d_k": 14336}
@@ -69,20 +69,16 @@ def main() -> None:
         parser.error("--edits must be an even number of batches")
 
     model_dir = ensure_builtin(args.model)
-    corpus = data_dir() / "corpus" / "wikitext-2-valid.txt"
-    cases = load_counterfact(data_dir() / "counterfact" / "counterfact-train.json")[: args.edits]
-    requests = [{k: c[k] for k in ("prompt", "subject", "target_new")} for c in cases]
+    requests = edit_requests(counterfact_cases(count=args.edits))
     batches = [requests[i: i + args.batch_size] for i in range(0, args.edits, args.batch_size)]
     half = len(batches) // 2
     overrides = {"v_num_grad_steps": args.v_num_grad_steps} if args.v_num_grad_steps else {}
     results = {"model": args.model, "method": args.method, "edits": args.edits, "batch_size": args.batch_size,
-               "overrides": overrides, "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch "
-               f"{torch.__version__}, {torch.get_num_threads()} threads"}
+               "overrides": overrides, "machine": machine()}
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        base, tok = load_model(str(model_dir))
-        model = get_encore_model(base, EncoreConfig(method=args.method), tokenizer=tok, corpus=corpus)
+        model, tok = encore_model(model_dir, EncoreConfig(method=args.method))
         start = time.perf_counter()
         for i, batch in enumerate(batches):
             model.edit(batch, progress=False, **overrides)
@@ -107,8 +103,8 @@ def main() -> None:
         one_go = load_file(str(tmp / "fp32" / "adapter_model.safetensors"))
         resume = {}
         for name in ("half", "half-bf16"):
-            seconds = resume_in_fresh_process(model_dir, tmp / name, tmp / f"{name}-resumed", batches[half:], corpus,
-                                              overrides)
+            seconds = resume_in_fresh_process(model_dir, tmp / name, tmp / f"{name}-resumed", batches[half:],
+                                              corpus_path(), overrides)
             resumed = load_file(str(tmp / f"{name}-resumed" / "adapter_model.safetensors"))
             resume[name] = {"max_abs_delta_difference": max_abs_difference(resumed, one_go),
                             "max_abs_delta": max(float(v.abs().max()) for v in one_go.values()),
@@ -123,9 +119,7 @@ def main() -> None:
         "edit_memory_float64": ll["layers"] * ll["d_k"] ** 2 * 8,
         "statistics_float32_if_embedded": ll["layers"] * ll["d_k"] ** 2 * 4,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
+    print(write_json(args.out, results))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -35,11 +34,12 @@ from typing import Any, Callable
 
 import torch
 
-from hf_encore import EncoreConfig, get_encore_model, load_model
-from hf_encore.apps.options import parse_settings
-from hf_encore.data import data_dir, load_counterfact
-from hf_encore.evaluation import known_facts, perplexity
+from hf_encore import EncoreConfig, load_model
 from hf_encore.apps.lifelong import EvalSettings, evaluate_point, perplexity_texts
+from hf_encore.apps.options import parse_settings
+from hf_encore.evaluation import known_facts, perplexity
+
+from common import counterfact_cases, data_path, edit_requests, encore_model, machine, write_json, z_steps
 
 FIRST_CASE = 2000  # counterfact-train cases from here on: the sweep's pool, never the reported edits
 
@@ -63,27 +63,22 @@ def measured(device: str, work: Callable[[], Any]) -> tuple[Any, dict]:
     return value, figures
 
 
-def measure_edit(model_name: str, method: str, n_requests: int, max_tokens: int, z_steps: int, stats_tokens: int,
-                 device: str, overrides: dict) -> dict:
+def measure_edit(model_name: str, method: str, n_requests: int, max_tokens: int, z_step_budget: int,
+                 stats_tokens: int, device: str, overrides: dict) -> dict:
     """One edit batch in this process; its figures."""
     torch.manual_seed(0)
-    base, tokenizer = load_model(model_name, device=device)
-    cases = load_counterfact(data_dir() / "counterfact" / "counterfact-train.json")
-    cases = cases[FIRST_CASE: FIRST_CASE + n_requests]
-    if len(cases) < n_requests:
-        raise SystemExit(f"counterfact-train.json has {len(cases)} cases from {FIRST_CASE} on, not {n_requests}")
-    config = EncoreConfig(method=method, v_num_grad_steps=z_steps, stats_n_tokens=stats_tokens,
+    requests = edit_requests(counterfact_cases(first=FIRST_CASE, count=n_requests))
+    config = EncoreConfig(method=method, v_num_grad_steps=z_step_budget, stats_n_tokens=stats_tokens,
                           max_tokens_per_forward=max_tokens, **overrides)
-    model = get_encore_model(base, config, tokenizer=tokenizer, corpus=data_dir() / "corpus" / "wikitext-2-valid.txt")
-    requests = [{k: c[k] for k in ("prompt", "subject", "target_new")} for c in cases]
+    model = encore_model(model_name, config, device=device)[0]
     report, figures = measured(device, lambda: model.edit(requests, progress=False))
-    return {"max_tokens_per_forward": max_tokens, **figures, "z_steps": sum(r.steps for r in report.requests)}
+    return {"max_tokens_per_forward": max_tokens, **figures, "z_steps": z_steps(report)}
 
 
 def measure_perplexity(model_name: str, max_tokens: int, n_tokens: int, device: str) -> dict:
     """One perplexity evaluation, as the lifelong benchmark runs it, in this process; its figures."""
     base, tokenizer = load_model(model_name, device=device)
-    texts = perplexity_texts(data_dir() / "corpus" / "wikitext-2-test.txt")
+    texts = perplexity_texts(data_path("corpus", "wikitext-2-test.txt"))
     value, figures = measured(device, lambda: perplexity(base, tokenizer, texts, n_tokens=n_tokens,
                                                          max_tokens=max_tokens))
     return {"max_tokens_per_forward": max_tokens, **figures, "perplexity": value, "tokens": n_tokens}
@@ -92,16 +87,15 @@ def measure_perplexity(model_name: str, max_tokens: int, n_tokens: int, device: 
 def measure_evaluation(model_name: str, device: str) -> dict:
     """One evaluation point of the lifelong benchmark (default settings, unedited model) in this process."""
     base, tokenizer = load_model(model_name, device=device)
-    root = data_dir()
-    texts = perplexity_texts(root / "corpus" / "wikitext-2-test.txt")
+    texts = perplexity_texts(data_path("corpus", "wikitext-2-test.txt"))
     ev = EvalSettings()
-    edited = load_counterfact(root / "counterfact" / "counterfact-edit.json")[: ev.edited_sample]
-    candidates = load_counterfact(root / "counterfact" / "counterfact-train.json")
+    edited = counterfact_cases("edit")[: ev.edited_sample]
+    candidates = counterfact_cases("train")
 
     def evaluation() -> dict:
         probe = known_facts(base, tokenizer, candidates, ev.known_facts)
         return evaluate_point(base, tokenizer, edited=edited, probe=probe, texts=texts,
-                              downstream_dir=root / "downstream", ev=ev, adapter=False)
+                              downstream_dir=data_path("downstream"), ev=ev, adapter=False)
 
     record, figures = measured(device, evaluation)
     return {**figures, "perplexity": record["perplexity"], "part_seconds": record["eval_part_seconds"]}
@@ -147,14 +141,12 @@ def main() -> None:
               f"({r['peak_rss_before_gb']:.2f} before), {what}, {r['seconds']:.1f} s"
               + (f", CUDA peak {r['cuda_peak_allocated_gb']:.2f} GB" if "cuda_peak_allocated_gb" in r else ""),
               flush=True)
-    results = {"command": " ".join(["python", "benchmarks/memory.py", *sys.argv[1:]]),
-               "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}, "
-                          f"{torch.get_num_threads()} threads",
+    results = {"command": " ".join(["python", "benchmarks/memory.py", *sys.argv[1:]]), "machine": machine(args.device),
                "model": args.model, "part": args.part, "runs": runs,
                **{"edit": {"method": args.method, "requests": args.requests, "z_step_budget": args.z_steps},
                   "perplexity": {"perplexity_tokens": args.perplexity_tokens},
                   "evaluation": {"evaluation": asdict(EvalSettings())}}[args.part]}
-    args.out.write_text(json.dumps(results, indent=1))
+    write_json(args.out, results, indent=1)
     print(f"wrote {args.out}")
 
 

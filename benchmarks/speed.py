@@ -1,6 +1,6 @@
 """Side-by-side speed benchmark: the optimised editing path against the straightforward reference path
-(``reference_path.py``) on the same requests, ENCORE against MEMIT and AlphaEdit, statistics throughput, and the
-z-optimisation's share of this machine's measured matmul peak. Prints figures and writes JSON.
+(``hf_encore.editing.reference``) on the same requests, ENCORE against MEMIT and AlphaEdit, statistics throughput,
+and the z-optimisation's share of this machine's measured matmul peak. Prints figures and writes JSON.
 
     python benchmarks/speed.py --model smollm2-135m --edits 100 --out docs/results/speed-smollm2-135m.json
     python benchmarks/speed.py --model gemma-3-270m --edits 100 --out docs/results/speed-gemma-3-270m.json
@@ -9,7 +9,8 @@ z-optimisation's share of this machine's measured matmul peak. Prints figures an
 its time per edit does not depend on the batch; the optimised path is then also run on those K for the agreement
 check). Statistics are compared on ``--stats-tokens`` tokens. ``--parts methods`` (or ``statistics``,
 ``reference``) reruns some sections and keeps the others of an existing JSON file; each section records the
-command, time and matmul peak of its run.
+command, time and matmul peak of its run. ``--batch-sizes 1 20`` adds the ``batch_sizes`` section: each method's
+time per edit at each of those batch sizes (``--parts batch_sizes`` reruns only it, by default at 1 and 20).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -26,27 +26,26 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from reference_path import reference_second_moments, use_reference_path  # noqa: E402
+from hf_encore import EncoreConfig, get_encore_model, load_model
+from hf_encore.apps.options import parse_settings
+from hf_encore.editing.pipeline import FAST_STEPS
+from hf_encore.editing.reference import REFERENCE_STEPS, reference_second_moments
+from hf_encore.editing.requests import parse_requests, prepare_requests
+from hf_encore.editing.stats import packed_chunks, read_corpus, second_moments
+from hf_encore.editing.tracing import ModelAccess
+from hf_encore.evaluation import counterfact_scores
+from hf_encore.layer import Linear
+from hf_encore.loading import ensure_builtin
 
-from hf_encore import EncoreConfig, get_encore_model, load_model  # noqa: E402
-from hf_encore.apps.options import parse_settings  # noqa: E402
-from hf_encore.data import data_dir, load_counterfact  # noqa: E402
-from hf_encore.editing.requests import parse_requests, prepare_requests  # noqa: E402
-from hf_encore.editing.stats import packed_chunks, read_corpus, second_moments  # noqa: E402
-from hf_encore.editing.tracing import ModelAccess  # noqa: E402
-from hf_encore.evaluation import counterfact_scores  # noqa: E402
-from hf_encore.layer import Linear  # noqa: E402
-from hf_encore.loading import ensure_builtin  # noqa: E402
+from common import corpus_path, counterfact_cases, edit_requests, encore_model, machine, mpes_stops, write_json, z_steps
 
 
 @dataclass(frozen=True)
 class Bench:
-    """What every section of one benchmark run shares: the model, the statistics text, where it runs and the
-    EncoreConfig settings (``--set``) of every edit."""
+    """What every section of one benchmark run shares: the model, where it runs and the EncoreConfig settings
+    (``--set``) of every edit. The statistics text is :func:`common.corpus_path`'s."""
 
     model_dir: Path
-    corpus: Path
     device: str | None = None
     settings: dict = field(default_factory=dict)
 
@@ -112,14 +111,9 @@ def z_flops(model, report, config, requests, tokenizer) -> float:
 
 
 def timed_edit(bench: Bench, method, requests, reference=False):
-    base, tok = bench.load()
-    model = get_encore_model(base, bench.config(method=method), tokenizer=tok, corpus=bench.corpus)
+    model, tok = encore_model(bench.model_dir, bench.config(method=method), device=bench.device)
     model.base_model.compute_statistics(progress=False)  # cached before timing: statistics are measured apart
-    if reference:
-        with use_reference_path():
-            report = model.edit(requests, progress=False)
-    else:
-        report = model.edit(requests, progress=False)
+    report = model.edit(requests, progress=False, steps=REFERENCE_STEPS if reference else FAST_STEPS)
     return model, tok, report
 
 
@@ -129,7 +123,7 @@ def statistics_part(bench: Bench, stats_tokens: int) -> dict:
     config = bench.config()
     model = get_encore_model(base, config, tokenizer=tok)
     access = ModelAccess(model.base_model.model, model.base_model._layout(config))
-    chunks = packed_chunks(tok, read_corpus(bench.corpus).texts, stats_tokens, config.stats_seq_len)
+    chunks = packed_chunks(tok, read_corpus(corpus_path()).texts, stats_tokens, config.stats_seq_len)
     stats = {}
     for name, function in (("optimised", second_moments), ("reference", reference_second_moments)):
         bench.synchronize()
@@ -142,8 +136,8 @@ def statistics_part(bench: Bench, stats_tokens: int) -> dict:
                        "tokens_per_second": count / seconds, "moments": moments}
         print(f"statistics {name}: {count} tokens x {len(config.layers)} layers in {seconds:.1f} s "
               f"({count / seconds:.0f} tok/s)", flush=True)
-    agreement = max(float((stats["optimised"]["moments"][l] - stats["reference"]["moments"][l]).abs().max()
-                          / stats["reference"]["moments"][l].abs().max()) for l in config.layers)
+    agreement = max(float((stats["optimised"]["moments"][layer] - stats["reference"]["moments"][layer]).abs().max()
+                          / stats["reference"]["moments"][layer].abs().max()) for layer in config.layers)
     result = {name: {k: v for k, v in s.items() if k != "moments"} for name, s in stats.items()}
     result["speedup"] = stats["reference"]["seconds"] / stats["optimised"]["seconds"]
     result["max_relative_difference"] = agreement
@@ -163,7 +157,7 @@ def reference_part(bench: Bench, cases, requests) -> dict:
               f"profile {', '.join(f'{k} {v:.1f}' for k, v in report.seconds.items())})", flush=True)
     result = {
         path: {"seconds_per_edit": r["report"].seconds["total"] / len(requests), "profile_seconds": r["report"].seconds,
-               "z_steps": sum(q.steps for q in r["report"].requests),
+               "z_steps": z_steps(r["report"]),
                "scores": {k: v for k, v in r["scores"].items() if k != "per_case"}}
         for path, r in runs.items()}
     result["speedup"] = result["reference"]["seconds_per_edit"] / result["optimised"]["seconds_per_edit"]
@@ -184,14 +178,13 @@ def methods_part(bench: Bench, requests, methods, peak: float, rounds: int = 1) 
             model, tok, report = timed_edit(bench, method, requests)
             seconds = report.seconds["total"] / len(requests)
             print(f"{method:>10}: {seconds:.2f} s/edit at batch {len(requests)}, "
-                  f"{sum(q.steps for q in report.requests)} z-steps; profile "
+                  f"{z_steps(report)} z-steps; profile "
                   f"{', '.join(f'{k} {v:.1f}' for k, v in report.seconds.items())}", flush=True)
             if method in result:
                 result[method]["runs_seconds_per_edit"].append(seconds)
                 continue
             entry = {"runs_seconds_per_edit": [seconds], "profile_seconds": report.seconds,
-                     "z_steps": sum(q.steps for q in report.requests),
-                     "mpes_stopped": sum(q.mpes_stopped for q in report.requests)}
+                     "z_steps": z_steps(report), "mpes_stopped": mpes_stops(report)}
             if method == "encore":
                 flops = z_flops(model, report, model.peft_config["default"], requests, tok)
                 entry["z_gflops"] = flops / 1e9
@@ -211,7 +204,26 @@ def methods_part(bench: Bench, requests, methods, peak: float, rounds: int = 1) 
     return result, ratio
 
 
-PARTS = ("statistics", "reference", "methods")
+def batch_sizes_part(bench: Bench, requests, methods, batch_sizes) -> list[dict]:
+    """Each method's time per edit at each batch size (the first requests), each from a freshly loaded model, after
+    one untimed warm-up edit."""
+    timed_edit(bench, methods[0], requests[:2])
+    runs = []
+    for method in methods:
+        for batch in batch_sizes:
+            report = timed_edit(bench, method, requests[:batch])[2]
+            runs.append({"method": method, "batch_size": batch, "seconds_per_edit": report.seconds["total"] / batch,
+                         "profile_seconds": report.seconds, "z_steps": z_steps(report),
+                         "mpes_stopped": mpes_stops(report)})
+            print(f"{method:>10} batch {batch:>3}: {runs[-1]['seconds_per_edit']:.2f} s/edit "
+                  f"({z_steps(report)} z-steps; profile "
+                  f"{', '.join(f'{k} {v:.1f}' for k, v in report.seconds.items())})", flush=True)
+    return runs
+
+
+FULL_RUN = ("statistics", "reference", "methods")  # the sections of a run without --parts: it starts afresh
+PARTS = (*FULL_RUN, "batch_sizes")
+DEFAULT_BATCH_SIZES = [1, 20]
 
 
 def main() -> None:
@@ -223,52 +235,57 @@ def main() -> None:
     parser.add_argument("--stats-tokens", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=1,
                         help="times each method is timed, in alternating order (2: A B C C B A)")
-    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
-                        help="sections to run; the others are kept from an existing --out file")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=None,
+                        help=f"sections to run (default: {' '.join(FULL_RUN)}, and batch_sizes with --batch-sizes); "
+                             "the others are kept from an existing --out file")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=None, metavar="N",
+                        help=f"time each method at these batch sizes too (section batch_sizes; with --parts "
+                             f"batch_sizes and no sizes: {' '.join(map(str, DEFAULT_BATCH_SIZES))})")
     parser.add_argument("--device", default=None, help="e.g. cuda (default: the CPU)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="an EncoreConfig setting for every run (e.g. max_tokens_per_forward=32768 on a GPU)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    parts = args.parts or [*FULL_RUN, *(["batch_sizes"] if args.batch_sizes else [])]
+    batch_sizes = args.batch_sizes or DEFAULT_BATCH_SIZES
+    if min(batch_sizes) < 1:
+        parser.error("--batch-sizes must be positive")
     out = Path(args.out or f"docs/results/speed-{args.model}.json")
     torch.manual_seed(0)
 
-    bench = Bench(ensure_builtin(args.model), data_dir() / "corpus" / "wikitext-2-valid.txt", args.device,
-                  parse_settings(args.set))
+    bench = Bench(ensure_builtin(args.model), args.device, parse_settings(args.set))
     bench.config()  # a bad setting fails before anything runs
-    cases = load_counterfact(data_dir() / "counterfact" / "counterfact-train.json")[: args.edits]
-    requests = [{k: c[k] for k in ("prompt", "subject", "target_new")} for c in cases]
-    n_ref = args.reference_edits or args.edits
-    results = json.loads(out.read_text()) if out.is_file() and set(args.parts) != set(PARTS) else {}
-    machine = (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-               f"{torch.get_num_threads()} threads")
-    if bench.on_gpu:
-        machine += f", {torch.cuda.get_device_name()}"
+    cases = counterfact_cases(count=max([args.edits, *(batch_sizes if "batch_sizes" in parts else [])]))
+    requests = edit_requests(cases)
+    n_ref = min(args.reference_edits or args.edits, args.edits)
+    results = json.loads(out.read_text()) if out.is_file() and not set(FULL_RUN) <= set(parts) else {}
+    description = machine(args.device)
     peak = bench.matmul_peak_gflops()
-    print(f"machine: {machine}; fp32 matmul peak {peak:.1f} GFLOP/s", flush=True)
-    results.update({"model": args.model, "edits": args.edits, "machine": machine})
+    print(f"machine: {description}; fp32 matmul peak {peak:.1f} GFLOP/s", flush=True)
+    results.update({"model": args.model, "edits": args.edits, "machine": description})
     if "command" in results:  # written before sections were recorded apart: all of it came from one command
         earlier = {"command": results.pop("command"), "matmul_peak_gflops": results.pop("matmul_peak_gflops")}
-        results["runs"] = {part: dict(earlier) for part in PARTS}
+        results["runs"] = {part: dict(earlier) for part in FULL_RUN}
     runs = results.setdefault("runs", {})
-    for part in args.parts:
+    for part in parts:
         runs[part] = {"command": " ".join(sys.argv), "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                       "matmul_peak_gflops": peak}
 
-    if "statistics" in args.parts:
+    if "statistics" in parts:
         results["statistics"] = statistics_part(bench, args.stats_tokens)
     with tempfile.TemporaryDirectory() as cache:
         os.environ["HF_ENCORE_CACHE"] = cache  # C₀ computed once here, then shared by every run below
-        if "reference" in args.parts:
+        if "reference" in parts:
             results["reference_edits"] = n_ref
             results["reference_comparison"] = reference_part(bench, cases[:n_ref], requests[:n_ref])
-        if "methods" in args.parts:
-            results["methods"], results["encore_over_memit"] = methods_part(bench, requests, args.methods, peak,
-                                                                            args.rounds)
+        if "methods" in parts:
+            results["methods"], results["encore_over_memit"] = methods_part(bench, requests[: args.edits],
+                                                                            args.methods, peak, args.rounds)
+        if "batch_sizes" in parts:
+            results["batch_sizes"] = batch_sizes_part(bench, requests, args.methods, batch_sizes)
         del os.environ["HF_ENCORE_CACHE"]
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2, default=float))
+    write_json(out, results)
     print(f"wrote {out}")
 
 

@@ -15,7 +15,6 @@ the others at their defaults. Results go to JSON lines, one per configuration; a
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 from pathlib import Path
@@ -23,10 +22,12 @@ from typing import Any
 
 import torch
 
-from hf_encore import EncoreConfig, get_encore_model, load_model
+from hf_encore import EncoreConfig, load_model
 from hf_encore.apps.options import parse_settings, parse_value
-from hf_encore.data import data_dir, load_counterfact
 from hf_encore.evaluation import counterfact_scores, known_facts, retained_knowledge, weight_norms
+from hf_encore.jsonl import append_jsonl, read_jsonl
+
+from common import counterfact_cases, edit_requests, encore_model, mpes_stops, z_steps
 
 PROBE_POOL = 2000  # retained-knowledge facts come from the first cases of the file, edits from the rest
 
@@ -44,16 +45,14 @@ def configurations(fixed: dict[str, Any], vary: list[list[str]]) -> list[dict[st
 
 
 def run_one(model_name: str, method: str, settings: dict[str, Any], facts: list[dict], probe: list[dict],
-            batch_size: int, corpus: Path) -> dict[str, Any]:
-    base, tokenizer = load_model(model_name)
-    model = get_encore_model(base, EncoreConfig(method=method, **settings), tokenizer=tokenizer, corpus=corpus)
+            batch_size: int) -> dict[str, Any]:
+    model, tokenizer = encore_model(model_name, EncoreConfig(method=method, **settings))
     steps = stops = 0
     seconds = 0.0
     for start in range(0, len(facts), batch_size):
-        batch = facts[start: start + batch_size]
-        report = model.edit([{k: c[k] for k in ("prompt", "subject", "target_new")} for c in batch], progress=False)
-        steps += sum(r.steps for r in report.requests)
-        stops += sum(r.mpes_stopped for r in report.requests)
+        report = model.edit(edit_requests(facts[start: start + batch_size]), progress=False)
+        steps += z_steps(report)
+        stops += mpes_stops(report)
         seconds += report.seconds["total"]
     scores = counterfact_scores(model, tokenizer, facts)
     return {
@@ -100,24 +99,22 @@ def main() -> None:
     for c in configs:
         EncoreConfig(method=args.method, **c)  # a bad setting fails before anything runs
 
-    cases = load_counterfact(args.data or data_dir() / "counterfact" / "counterfact-train.json")
+    cases = counterfact_cases(path=args.data)
     if len(cases) < PROBE_POOL + args.requests:
         parser.error(f"the data file has {len(cases)} cases; needs {PROBE_POOL} + {args.requests}")
     facts = random.Random(args.seed).sample(cases[PROBE_POOL:], args.requests)
-    corpus = data_dir() / "corpus" / "wikitext-2-valid.txt"
     base, tokenizer = load_model(args.model)
     probe = known_facts(base, tokenizer, cases[:PROBE_POOL], args.known_facts)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = [json.loads(line) for line in out.read_text().splitlines() if line.strip()] if out.is_file() else []
+    done = read_jsonl(out) if out.is_file() else []
     header = {"model": args.model, "requests": args.requests, "batch_size": args.batch_size, "seed": args.seed,
               "threads": torch.get_num_threads(), "known_facts": len(probe)}
     if not any(r["method"] is None and r["model"] == args.model and r["requests"] == args.requests for r in done):
         scores = counterfact_scores(base, tokenizer, facts)  # where the edited facts start from
         record = {**header, "settings": {}, "method": None, **{k: scores[k] for k in ("ES", "PS", "NS", "S")}}
-        with open(out, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        append_jsonl(out, record)
         done.insert(0, record)
     del base
     for settings in configs:
@@ -125,10 +122,9 @@ def main() -> None:
                and r["requests"] == args.requests for r in done):
             continue
         start = time.perf_counter()
-        record = {**header, **run_one(args.model, args.method, settings, facts, probe, args.batch_size, corpus),
+        record = {**header, **run_one(args.model, args.method, settings, facts, probe, args.batch_size),
                   "wall_seconds": time.perf_counter() - start}
-        with open(out, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        append_jsonl(out, record)
         done.append(record)
         print(table([record]).splitlines()[-1], flush=True)
     mine = sorted((r for r in done if r["model"] == args.model and r["requests"] == args.requests),

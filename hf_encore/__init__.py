@@ -11,12 +11,14 @@
 from __future__ import annotations
 
 from .config import METHOD_PRESETS, METHODS, EncoreConfig
+from .editing.pipeline import NormRatioExceededError
 from .editing.report import EditReport
 from .editing.requests import EditRequest
-from .layer import EncoreLayer
+from .fingerprint import BaseModelMismatchError
 from .hub import push_to_hub
-from .model import BaseModelMismatchError, EditStateMissingError, EncoreModel, NormRatioExceededError
+from .layer import EncoreLayer
 from .loading import DEFAULT_MODEL, load_model
+from .model import EditStateMissingError, EncoreModel
 from .peft_model import EncorePeftModel, from_pretrained
 from .registry import register
 from .save_transaction import SaveLockTimeout, SaveTargetError

@@ -25,7 +25,7 @@ class ModelLayout:
     block_path: str
     mlp_out: str
     post_mlp_norm: str | None = None
-    # Published edited layers, keyed by the model's number of layers (ALGORITHM.md §6).
+    # Published edited layers, keyed by the model's number of layers (docs/algorithm.md §6).
     published_layers: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
 

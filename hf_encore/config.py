@@ -1,6 +1,6 @@
 """EncoreConfig: the adapter's configuration, and the method presets (MEMIT, AlphaEdit, ENCORE).
 
-A method is a small set of switches over shared steps (ALGORITHM.md §4):
+A method is a small set of switches over shared steps (docs/algorithm.md §4):
 
 ============  ======  ====================  ==================  ==============
 method        MPES    preservation (λ_p)    norm weight (λ_n)   null space (P)
@@ -19,8 +19,9 @@ across models: the absolute λ_p is ``preservation_weight · d_k`` and the absol
 and kᵀ(λ_n I)⁻¹k ≈ 1/norm_weight whatever the model's key magnitudes; the null-space threshold is relative to the
 mean eigenvalue tr(C₀)/d_k, and the z-optimisation's step size ``v_lr`` is in units of each request's typical
 hidden-state coordinate, median_i |h_i| at the critical layer. With ``regularizer_scale="absolute"`` the numbers
-are used as written, which is how the papers' settings (λ_p = 15,000, λ_n = 20, α = 10, threshold 2e-2, lr 0.5
-on Llama3-8B) are reproduced exactly.
+are used as written: the null-space threshold and ``v_lr`` then default to the papers' 2e-2 and 0.5, and the
+papers' weights are passed explicitly (ENCORE on Llama3-8B: ``preservation_weight=15000, norm_weight=20``;
+AlphaEdit: ``norm_weight=10``), since the presets' weights are in relative units.
 """
 
 from __future__ import annotations
@@ -45,10 +46,10 @@ class EncorePeftType(str, enum.Enum):
 METHODS = ("encore", "memit", "alphaedit")
 
 # Defaults for small models, kept by the one-at-a-time sweep of docs/results.md (benchmarks/sweep.py: 100
-# counterfact-train edits in two batches on SmolLM2-135M; layers 4–8, λ_n 0.05, v_lr 0.1 had the best S and kept
-# more never-edited facts than the neighbouring settings). In these units the papers' Llama3-8B λ_p = 15,000 is
-# preservation_weight ≈ 1.05 (d_k = 14,336); the published setting on SmolLM2 (λ_p = 15,000 absolute, ≈ 9.8
-# relative) under-edits (ALGORITHM.md §6).
+# counterfact-train edits in two batches on SmolLM2-135M: layers 4–8 and λ_n 0.05 had the best S and kept more
+# never-edited facts than the neighbouring settings; v_lr, below, came from the sweep's second round). In these
+# units the papers' Llama3-8B λ_p = 15,000 is preservation_weight ≈ 1.05 (d_k = 14,336); the published setting on
+# SmolLM2 (λ_p = 15,000 absolute, ≈ 9.8 relative) under-edits (docs/algorithm.md §6).
 METHOD_PRESETS: dict[str, dict[str, Any]] = {
     "memit": dict(mpes=False, preservation_weight=1.0, norm_weight=0.0, nullspace_projection=False),
     "encore": dict(mpes=True, preservation_weight=1.0, norm_weight=0.05, nullspace_projection=False),
@@ -263,7 +264,7 @@ class EncoreConfig(PeftConfig):
         regularizer_scale: ``"relative"`` or ``"absolute"`` units for the three numbers above and ``v_lr``.
         map_through_post_norm: for models that normalise the MLP output before the residual add (Gemma-2/3), map
             each layer's residual target back through that norm; no effect on other models.
-        v_lr: learning rate of the z-optimisation (ALGORITHM.md §2); in units of the median |h_i| of the hidden
+        v_lr: learning rate of the z-optimisation (docs/algorithm.md §2); in units of the median |h_i| of the hidden
             state it changes, unless ``regularizer_scale="absolute"``.
         v_num_grad_steps: its step budget.
         clamp_norm_factor: δ is kept within this fraction of the hidden state's norm.
@@ -339,6 +340,10 @@ class EncoreConfig(PeftConfig):
         if not self.nullspace_projection and self.preservation_weight == 0 and self.norm_weight == 0:
             raise ValueError("With preservation_weight = norm_weight = 0 and no null-space projection the update "
                              "is unregularised; set one of them")
+        if self.nullspace_projection and self.norm_weight == 0:
+            # P (Λ + K Kᵀ) P is zero on the directions P projects away: only the ridge ρ makes the system solvable.
+            raise ValueError("nullspace_projection=True needs norm_weight > 0 (AlphaEdit's α): without it the "
+                             "projected system has no solution")
 
     def algorithm_settings(self) -> dict[str, Any]:
         """The values of ``ALGORITHM_SETTINGS``: what the ledger, the model card and ``hf-encore show`` report."""

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .jsonl import numbered_values
+
 
 def data_dir() -> Path:
     """``$HF_ENCORE_DATA`` if set, else ``../shared/data`` beside the project checkout."""
@@ -136,16 +138,9 @@ def load_requests(path: str | os.PathLike, limit: int | None = None) -> list[dic
             raise ValueError(f"{path}: not a readable CSV file ({err})") from None
         where = [f"{path}, row {i + 2}" for i in range(len(records))]
     elif path.suffix.lower() == ".jsonl" or (text.lstrip()[:1] == "{" and "\n{" in text.strip()):
-        records, where = [], []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}, line {n}: not valid JSON ({err.msg})") from None
-                except RecursionError:  # json's parser recurses once per nesting level
-                    raise ValueError(f"{path}, line {n}: JSON nested too deeply") from None
-                where.append(f"{path}, line {n}")
+        numbered = list(numbered_values(text, path))  # a bad line: "<path>, line <n>: not valid JSON (…)"
+        records = [value for _, value in numbered]
+        where = [f"{path}, line {n}" for n, _ in numbered]
     else:
         try:
             records = json.loads(text)

@@ -97,7 +97,7 @@ class Linear(nn.Module, EncoreLayer):
 
     def unmerge(self) -> None:
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         self.get_base_layer().weight.data.copy_(self._original_weight)
         self._original_weight = None

@@ -13,7 +13,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from peft import PeftModelForCausalLM
@@ -21,13 +21,24 @@ from safetensors import safe_open
 
 from .card import write_model_card
 from .config import EncoreConfig
+from .editing.report import EditReport
+from .editing.requests import EditRequest
 from .editing.state import EditState, LayerStatistics
 from .hub import push_to_hub
 from .model import edited_layer_shapes
 from .save_transaction import recover_interrupted_save, save_transaction
 from .serialization import (
-    ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterFileError, cast_safetensors, check_adapter_config,
-    check_state_fits, parse_dtype, read_edit_state, read_json, verify_adapter_directory, write_edit_state,
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    AdapterFileError,
+    cast_safetensors,
+    check_adapter_config,
+    check_state_fits,
+    parse_dtype,
+    read_edit_state,
+    read_json,
+    verify_adapter_directory,
+    write_edit_state,
 )
 
 _HUB_KWARGS = ("subfolder", "revision", "token", "cache_dir")
@@ -111,8 +122,15 @@ def check_adapter(directory: Path, model: torch.nn.Module, ignore_base_mismatch:
 
 
 class EncorePeftModel(PeftModelForCausalLM):
-    """A causal LM with Encore adapters. ``edit``, ``compute_statistics`` and ``combine_adapters`` reach the tuner
-    (``self.base_model``) through PEFT's attribute forwarding."""
+    """A causal LM with Encore adapters: PEFT's model plus ``edit``, and saving and loading of the editing state.
+    ``compute_statistics`` and ``combine_adapters`` reach the tuner (``self.base_model``) through PEFT's attribute
+    forwarding."""
+
+    def edit(self, requests: Sequence[Mapping[str, Any] | EditRequest], **kwargs: Any) -> EditReport:
+        """Write a batch of facts into the active adapter and return a report: :meth:`EncoreModel.edit
+        <hf_encore.model.EncoreModel.edit>` (all its keyword arguments, and any ``EncoreConfig`` setting for this
+        call only). If anything fails, the adapter is exactly as before the call."""
+        return self.base_model.edit(requests, **kwargs)
 
     def save_pretrained(
         self,
@@ -194,13 +212,13 @@ class EncorePeftModel(PeftModelForCausalLM):
         if checked.state is not None:
             tuner.edit_states[adapter_name] = checked.state
             for layer, stats in checked.statistics.items():
-                tuner._stats[checked.state.stats_refs[layer]["cache_key"]] = stats
+                tuner.statistics.add(checked.state.stats_refs[layer]["cache_key"], stats)
         else:
             logger.warning("%s has no editing state (saved by plain PEFT or with save_editing_state=False): its "
                            "edits apply, but further edits need start_new_memory=True", checked.directory)
         return result
 
-    def push_to_hub(self, repo_id: str, **kwargs: Any):  # noqa: D401 - same contract as hf_encore.push_to_hub
+    def push_to_hub(self, repo_id: str, **kwargs: Any):
         """Upload the adapter, its editing state, ledger and model card (see :func:`hf_encore.push_to_hub`)."""
         return push_to_hub(self, repo_id, **kwargs)
 

@@ -1,4 +1,4 @@
-"""Registration with PEFT's lookup tables (PEFT.md: PEFT has no plugin mechanism for new methods).
+"""Registration with PEFT's lookup tables (PEFT has no plugin mechanism for new methods; docs/architecture.md).
 
 PEFT ≥ 0.21 delegates saving and loading to the tuner class found in ``peft.mapping``; inserting our config, tuner
 and prefix there under a ``str`` enum key makes ``get_peft_model``, ``PeftModel.from_pretrained``,

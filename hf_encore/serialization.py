@@ -30,6 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .editing.state import EditState, LayerStatistics
+from .jsonl import JSONLError, numbered_values, write_jsonl
 from .save_transaction import sha256_file
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -73,9 +74,7 @@ def write_edit_state(
     for layer, stats in (statistics or {}).items():
         tensors[f"c0.{layer}"] = stats.c0.float().contiguous()
     save_file(tensors, str(directory / STATE_TENSORS), metadata={"format": "hf_encore", "version": str(FORMAT_VERSION)})
-    with open(directory / LEDGER, "w", encoding="utf-8") as f:
-        for entry in state.ledger:
-            f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+    write_jsonl(directory / LEDGER, state.ledger)
     meta = {
         "format_version": FORMAT_VERSION,
         "context_templates": state.context_templates,
@@ -168,7 +167,8 @@ def validate_state_meta(meta: Any, path: Path) -> dict:
     _require(isinstance(n_tokens, dict) and all(k.isdigit() and _is_int(v) and v >= 0 for k, v in n_tokens.items()),
              path, f"statistics_n_tokens must map layer numbers to token counts, got {n_tokens!r}")
     dtype = meta.get("prev_key_moments_dtype", "float64")
-    _require(isinstance(dtype, str) and dtype in _DTYPES, path, f"prev_key_moments_dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    _require(isinstance(dtype, str) and dtype in _DTYPES, path,
+             f"prev_key_moments_dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     digests = meta.get("sha256", {})  # written by hf_encore before the manifest existed
     _require(isinstance(digests, dict) and all(isinstance(v, str) and len(v) == 64 for v in digests.values()),
              path, "sha256 must map file names to hex digests")
@@ -238,16 +238,13 @@ def read_ledger(path: Path) -> list[dict]:
     except (OSError, UnicodeDecodeError) as err:
         raise AdapterFileError(f"{path}: not readable ({err})") from err
     ledger = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise AdapterFileError(f"{path}: line {number} is not JSON ({err})") from err
-        bad = [key for key, ok in _LEDGER_KEYS.items() if not isinstance(entry, dict) or not ok(entry.get(key))]
-        _require(not bad, path, f"line {number} is not a batch record (bad or missing {bad})")
-        ledger.append(entry)
+    try:
+        for number, entry in numbered_values(text, path):
+            bad = [key for key, ok in _LEDGER_KEYS.items() if not isinstance(entry, dict) or not ok(entry.get(key))]
+            _require(not bad, path, f"line {number} is not a batch record (bad or missing {bad})")
+            ledger.append(entry)
+    except JSONLError as err:
+        raise AdapterFileError(f"{path}: line {err.line} is not JSON ({err.error})") from err
     return ledger
 
 

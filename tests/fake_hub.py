@@ -1,5 +1,5 @@
 """A small stand-in for the Hugging Face Hub on 127.0.0.1: the endpoints huggingface_hub calls to create a repo and
-commit files (PEFT.md), with the committed files kept in memory."""
+commit files (create, preupload, commit with its NDJSON body), with the committed files kept in memory."""
 
 from __future__ import annotations
 

@@ -18,13 +18,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
-from tiny_models import TINY_D_K, deltas, tiny_adapter, tiny_llama
 
 import hf_encore
-from hf_encore import AdapterFileError, BaseModelMismatchError, EncoreConfig, get_encore_model
+from hf_encore import AdapterFileError, BaseModelMismatchError, EncoreConfig, NormRatioExceededError, get_encore_model
 from hf_encore.layer import EncoreLayer
-from hf_encore.model import NormRatioExceededError
 from hf_encore.save_transaction import MANIFEST
+
+from tiny_models import TINY_D_K, deltas, tiny_adapter, tiny_llama
 
 GOOD = {"prompt": "{} plays the sport of", "subject": "LeBron James", "target_new": "football"}
 COUNTS = {"cases": 0, "refused": 0}
@@ -126,7 +126,8 @@ def test_state_json_values_are_validated(adapter, change, match):
      "prev_key_moments.1 holds NaN"),
     (lambda t: t.__setitem__("prev_key_moments.1", torch.zeros(TINY_D_K + 1, TINY_D_K + 1, dtype=torch.float64)),
      r"prev_key_moments.1 has shape \(65, 65\), expected \(64, 64\)"),
-    (lambda t: t.__setitem__("prev_key_moments.1", torch.zeros(3, 4, dtype=torch.float64)), "prev_key_moments.1 must be a square floating"),
+    (lambda t: t.__setitem__("prev_key_moments.1", torch.zeros(3, 4, dtype=torch.float64)),
+     "prev_key_moments.1 must be a square floating"),
     (lambda t: t.__setitem__("prev_key_moments.3", torch.zeros(TINY_D_K, TINY_D_K, dtype=torch.float64)),
      "layer 3, which the adapter does not edit"),
     (lambda t: t.__setitem__("c0.1", torch.eye(TINY_D_K)), "no statistics reference"),
@@ -296,7 +297,8 @@ def test_the_lm_head_and_final_norm_count_too(adapter):
 
 
 @pytest.fixture
-def editable(tokenizer):
+def editable(tiny_tok):
+    tokenizer = tiny_tok
     rng = random.Random(0)
     words = "the of and to in is was for on as with by he at from his an were are which this be or had".split()
     corpus = [" ".join(rng.choice(words) for _ in range(60)) for _ in range(100)]
@@ -314,7 +316,7 @@ def assert_same(model, before):
     assert after.keys() == before.keys() and all(torch.equal(after[n], v) for n, v in before.items())
 
 
-AGGRESSIVE = dict(preservation_weight=1e-6, clamp_norm_factor=50, v_lr=5.0)
+AGGRESSIVE = dict(preservation_weight=1e-6, clamp_norm_factor=50, v_lr=20.0)  # ‖W‖/‖W₀‖ 5.0 and 2.5 here
 
 
 def test_a_runaway_norm_warns_with_the_figure_and_the_settings(editable, caplog):
@@ -355,7 +357,8 @@ def test_repeated_identical_requests_are_fine(editable):
     assert len(report.requests) == 2 and math.isfinite(report.requests[0].p_target_after)
 
 
-def test_an_undetermined_update_is_one_clear_error(tokenizer):
+def test_an_undetermined_update_is_one_clear_error(tiny_tok):
+    tokenizer = tiny_tok
     # One sentence repeated: C₀ has a handful of directions, and almost no regulariser covers the rest.
     config = EncoreConfig(method="memit", layers=[1, 2], stats_n_tokens=500, n_context_templates=1,
                           v_num_grad_steps=2)

@@ -1,5 +1,5 @@
-"""Several Encore adapters on one base: add, switch, disable, combine, delete, save/load all; merging several and
-a GGUF-loaded base."""
+"""Several Encore adapters on one base: add, switch, disable, combine, delete, save/load all, merging several (on the
+tiny random Llama of tiny_models.py); and a GGUF-loaded base (the real SmolLM2 GGUF file: slow)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ from hf_encore import EncoreConfig, get_encore_model
 from hf_encore.layer import Linear
 from hf_encore.loading import load_model
 
-SMALL = dict(method="encore", layers=[3, 4], stats_n_tokens=2048, v_num_grad_steps=4, n_context_templates=2)
+from tiny_models import TINY_LAYERS
+
+SMALL = dict(method="encore", layers=list(TINY_LAYERS), stats_n_tokens=2048, v_num_grad_steps=4,
+             n_context_templates=2)
 SPORTS = [{"prompt": "{} plays the sport of", "subject": "LeBron James", "target_new": "football"}]
 CITIES = [{"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome"}]
 
@@ -22,10 +25,16 @@ def logits(model, tokenizer, text="LeBron James plays the sport of"):
 
 
 @pytest.fixture
-def two_teams(smollm2, tokenizer, corpus_path, tmp_path, monkeypatch):
+def tokenizer(tiny_tok):
+    """The tiny byte-level BPE tokenizer of tiny_models.py (not the real model's)."""
+    return tiny_tok
+
+
+@pytest.fixture
+def two_teams(tiny_dir, tokenizer, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_ENCORE_CACHE", str(tmp_path / "cache"))
-    model = get_encore_model(smollm2, EncoreConfig(**SMALL), adapter_name="sports", tokenizer=tokenizer,
-                             corpus=corpus_path)
+    model = get_encore_model(load_model(str(tiny_dir))[0], EncoreConfig(**SMALL), adapter_name="sports",
+                             tokenizer=tokenizer, corpus=tiny_dir / "corpus.txt")
     model.add_adapter("cities", EncoreConfig(**SMALL))
     model.edit(SPORTS, adapter_name="sports", progress=False)
     with pytest.raises(ValueError, match="not active"):
@@ -56,7 +65,7 @@ def test_switch_disable_combine_delete(two_teams, tokenizer):
     torch.testing.assert_close(logits(model, tokenizer), both, rtol=1e-4, atol=1e-4)  # (a+b)x vs ax+bx
     combined = model.base_model.edit_states["both"]
     assert combined.num_edits == 2 and [e["source_adapter"] for e in combined.ledger] == ["sports", "cities"]
-    for layer in (3, 4):
+    for layer in TINY_LAYERS:
         expected = (model.base_model.edit_states["sports"].prev_key_moments[layer]
                     + model.base_model.edit_states["cities"].prev_key_moments[layer])
         assert torch.equal(combined.prev_key_moments[layer], expected)
@@ -68,7 +77,7 @@ def test_switch_disable_combine_delete(two_teams, tokenizer):
     torch.testing.assert_close(logits(model, tokenizer), cities, rtol=0, atol=0)
 
 
-def test_save_and_load_several_adapters_with_their_states(two_teams, smollm2_dir, tokenizer, tmp_path):
+def test_save_and_load_several_adapters_with_their_states(two_teams, tiny_dir, tokenizer, tmp_path):
     model = two_teams
     model.save_pretrained(tmp_path / "adapters")
     assert (tmp_path / "adapters" / "sports" / "encore_state.json").is_file()
@@ -78,7 +87,7 @@ def test_save_and_load_several_adapters_with_their_states(two_teams, smollm2_dir
         model.set_adapter(name)
         expected[name] = logits(model, tokenizer)
 
-    loaded = hf_encore.from_pretrained(load_model(str(smollm2_dir))[0], tmp_path / "adapters" / "sports",
+    loaded = hf_encore.from_pretrained(load_model(str(tiny_dir))[0], tmp_path / "adapters" / "sports",
                                        adapter_name="sports", tokenizer=tokenizer)
     loaded.load_adapter(tmp_path / "adapters" / "cities", adapter_name="cities")
     for name in ("sports", "cities"):
@@ -102,14 +111,15 @@ def test_merge_several_unmerge_exactly(two_teams, tokenizer):
             assert torch.equal(param, original[name]), name
 
 
-def test_gguf_base_records_its_file_loads_back_and_saves_merged(tokenizer, tmp_path):
+@pytest.mark.slow
+def test_gguf_base_records_its_file_loads_back_and_saves_merged(tmp_path):
     from peft import AutoPeftModelForCausalLM
 
     from hf_encore.loading import builtin_gguf
 
     gguf = builtin_gguf("smollm2-135m")
     base, gguf_tokenizer = load_model(str(gguf))
-    model = get_encore_model(base, EncoreConfig(**SMALL), tokenizer=gguf_tokenizer)
+    model = get_encore_model(base, EncoreConfig(**{**SMALL, "layers": [3, 4]}), tokenizer=gguf_tokenizer)
     assert model.peft_config["default"].gguf_file == gguf.name
     g = torch.Generator().manual_seed(0)
     for module in model.modules():

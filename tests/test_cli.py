@@ -1,5 +1,6 @@
-"""The ``hf-encore`` command line: request files in every accepted format, one-line errors, and each subcommand
-on the real SmolLM2."""
+"""The ``hf-encore`` command line: request files in every accepted format, one-line errors, and each subcommand on
+the tiny random Llama of tiny_models.py saved as a model directory (``--model``); ``ask`` on the real SmolLM2 (slow:
+the edited model must say the new fact)."""
 
 from __future__ import annotations
 
@@ -120,20 +121,29 @@ def test_console_script_is_installed():
         assert command in out
 
 
-# --- the subcommands on SmolLM2 -----------------------------------------------------------------------------------
+# --- the subcommands ----------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def adapter_dir(tmp_path_factory, smollm2_dir, corpus_path):
-    tmp = tmp_path_factory.mktemp("cli")
+def edit_sports(tmp: Path, model_dir: Path, corpus: Path) -> Path:
     write_csv(tmp / "sports.csv", SPORTS)
     out = tmp / "edits"
-    code = main(["edit", str(tmp / "sports.csv"), "--model", str(smollm2_dir), "--out", str(out), "--quiet",
-                 "--corpus", str(corpus_path), "--set", "v_num_grad_steps=15", "--set", "stats_n_tokens=3000"])
+    code = main(["edit", str(tmp / "sports.csv"), "--model", str(model_dir), "--out", str(out), "--quiet",
+                 "--corpus", str(corpus), "--set", "v_num_grad_steps=15", "--set", "stats_n_tokens=3000"])
     assert code == 0
     return out
 
 
-@pytest.mark.slow
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory, tiny_dir):
+    """SPORTS written by ``hf-encore edit`` into the tiny model (all four layers, the default for four)."""
+    return edit_sports(tmp_path_factory.mktemp("cli"), tiny_dir, tiny_dir / "corpus.txt")
+
+
+@pytest.fixture(scope="module")
+def real_adapter_dir(tmp_path_factory, smollm2_dir, corpus_path):
+    """SPORTS written by ``hf-encore edit`` into SmolLM2."""
+    return edit_sports(tmp_path_factory.mktemp("cli-real"), smollm2_dir, corpus_path)
+
+
 def test_edit_writes_an_adapter_and_show_reads_it(adapter_dir, capsys):
     meta = json.loads((adapter_dir / "encore_state.json").read_text())
     assert meta["num_edits"] == 2 and meta["num_batches"] == 1
@@ -149,16 +159,15 @@ def test_edit_writes_an_adapter_and_show_reads_it(adapter_dir, capsys):
 
 
 @pytest.mark.slow
-def test_ask_shows_the_edit_before_and_after(adapter_dir, capsys):
-    assert main(["ask", "LeBron James plays the sport of", "--adapter", str(adapter_dir),
+def test_ask_shows_the_edit_before_and_after(real_adapter_dir, capsys):
+    assert main(["ask", "LeBron James plays the sport of", "--adapter", str(real_adapter_dir),
                  "--target", " football", "--max-new-tokens", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     p = {line.split(":")[0].strip(): float(line.rsplit("=", 1)[1]) for line in lines[1:]}
     assert p["edited"] > 0.5 > p["base"]
 
 
-@pytest.mark.slow
-def test_edit_continues_an_adapter_and_merge_exports_it(adapter_dir, smollm2_dir, tmp_path, capsys):
+def test_edit_continues_an_adapter_and_merge_exports_it(adapter_dir, tiny_dir, tmp_path, capsys):
     import shutil
 
     from transformers import AutoModelForCausalLM
@@ -169,20 +178,19 @@ def test_edit_continues_an_adapter_and_merge_exports_it(adapter_dir, smollm2_dir
     shutil.copytree(adapter_dir, copy)
     (tmp_path / "more.json").write_text(json.dumps([
         {"prompt": "{} was developed by", "subject": "Windows 95", "target_new": "Apple"}]))
-    assert main(["edit", str(tmp_path / "more.json"), "--model", str(smollm2_dir), "--adapter", str(copy),
+    assert main(["edit", str(tmp_path / "more.json"), "--model", str(tiny_dir), "--adapter", str(copy),
                  "--quiet", "--set", "v_num_grad_steps=15"]) == 0
     assert "3 in the adapter, 2 batches" in capsys.readouterr().out
-    assert main(["merge", "--model", str(smollm2_dir), "--adapter", str(copy), "--out", str(tmp_path / "m")]) == 0
+    assert main(["merge", "--model", str(tiny_dir), "--adapter", str(copy), "--out", str(tmp_path / "m")]) == 0
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
-    base, tokenizer = hf_encore.load_model(str(smollm2_dir))
+    base, tokenizer = hf_encore.load_model(str(tiny_dir))
     with_adapter = hf_encore.from_pretrained(base, copy)
     ids = tokenizer("Windows 95 was developed by", return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(merged(**ids).logits, with_adapter(**ids).logits, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.slow
-def test_wrong_base_is_one_clear_error(adapter_dir, smollm2_dir, tmp_path, capsys):
+def test_wrong_base_is_one_clear_error(adapter_dir, tiny_dir, tmp_path, capsys):
     import shutil
 
     copy = tmp_path / "edits"
@@ -191,15 +199,14 @@ def test_wrong_base_is_one_clear_error(adapter_dir, smollm2_dir, tmp_path, capsy
     config["base_model_fingerprint"] = "0" * 16
     (copy / "adapter_config.json").write_text(json.dumps(config))
     (copy / "encore_manifest.json").unlink()  # edited by hand: else the checksum, not the base, is what is refused
-    assert main(["ask", "x", "--model", str(smollm2_dir), "--adapter", str(copy)]) == 2
+    assert main(["ask", "x", "--model", str(tiny_dir), "--adapter", str(copy)]) == 2
     err = capsys.readouterr().err
     assert "hf-encore ask: error:" in err and "Traceback" not in err and "another base model" in err
-    assert main(["ask", "x", "--model", str(smollm2_dir), "--adapter", str(copy), "--ignore-base-mismatch",
+    assert main(["ask", "x", "--model", str(tiny_dir), "--adapter", str(copy), "--ignore-base-mismatch",
                  "--max-new-tokens", "1"]) == 0
 
 
-@pytest.mark.slow
-def test_push_uploads_the_adapter(adapter_dir, smollm2_dir, monkeypatch, capsys):
+def test_push_uploads_the_adapter(adapter_dir, tiny_dir, monkeypatch, capsys):
     import huggingface_hub.constants as hub_constants
 
     from fake_hub import FakeHub
@@ -207,21 +214,30 @@ def test_push_uploads_the_adapter(adapter_dir, smollm2_dir, monkeypatch, capsys)
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(hub_constants, "HF_HUB_DISABLE_XET", True)
     with FakeHub() as hub:
-        assert main(["push", str(adapter_dir), "team/cli-edits", "--model", str(smollm2_dir), "--token", "hf_x",
+        assert main(["push", str(adapter_dir), "team/cli-edits", "--model", str(tiny_dir), "--token", "hf_x",
                      "--endpoint", hub.endpoint]) == 0
     files = hub.repos["team/cli-edits"]
     assert {"adapter_config.json", "adapter_model.safetensors", "encore_state.json", "README.md"} <= set(files)
     assert "pushed to" in capsys.readouterr().out
 
 
-@pytest.mark.slow
-def test_eval_and_stats(adapter_dir, smollm2_dir, corpus_path, tmp_path, capsys):
-    assert main(["eval", "--model", str(smollm2_dir), "--adapter", str(adapter_dir), "--counterfact", "--limit", "3",
+def test_eval_and_stats(adapter_dir, tiny_dir, shared_data, tmp_path, capsys):
+    import hf_encore
+    from hf_encore.data import load_counterfact
+    from hf_encore.evaluation import counterfact_scores, weight_norms
+
+    assert main(["eval", "--model", str(tiny_dir), "--adapter", str(adapter_dir), "--counterfact", "--limit", "3",
                  "--json", str(tmp_path / "r.json")]) == 0
     results = json.loads((tmp_path / "r.json").read_text())
-    assert 0 <= results["counterfact"]["ES"] <= 1 and set(results["norms"]) == {"4", "5", "6", "7", "8"}
+    # The figures are those of the API on the same adapter and the first three cases.
+    base, tokenizer = hf_encore.load_model(str(tiny_dir))
+    model = hf_encore.from_pretrained(base, adapter_dir, tokenizer=tokenizer)
+    expected = counterfact_scores(model, tokenizer, load_counterfact(None, limit=3))
+    assert results["counterfact"] == pytest.approx({k: v for k, v in expected.items() if k != "per_case"})
+    assert set(results["norms"]) == {"0", "1", "2", "3"}
+    assert results["norms"] == {str(k): v for k, v in weight_norms(model).items()}
     capsys.readouterr()
-    assert main(["stats", "--model", str(smollm2_dir), "--corpus", str(corpus_path), "--tokens", "3000",
+    assert main(["stats", "--model", str(tiny_dir), "--corpus", str(tiny_dir / "corpus.txt"), "--tokens", "3000",
                  "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "(576, 576)" in out or "(1536, 1536)" in out
+    assert "(64, 64)" in out

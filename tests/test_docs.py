@@ -2,9 +2,10 @@
 so does every script in examples/.
 
 Python blocks of a page run in order in one namespace; shell blocks run line by line with the venv's commands on
-PATH (``hf-encore`` lines through the same entry point, in this process). Both run in a scratch directory beside a link to ../shared, so the pages' relative paths hold. Sizes are cut
-to small settings by the rewrites in SMALL (more edits would only take longer). The README's `make` lines are the
-setup that CI itself runs, so they are the one thing not run here.
+PATH (``hf-encore`` lines through the same entry point, in this process). Both run in a scratch directory beside a
+link to ../shared, so the pages' relative paths hold. Sizes are cut to small settings by the rewrites in SMALL (more
+edits would only take longer). The README's `make` lines are the setup that CI itself runs, so they are the one thing
+not run here.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from pathlib import Path
 import pytest
 
 from hf_encore.apps.cli import main as cli_main
+
+pytestmark = pytest.mark.slow  # the docs' and examples' code runs on the real SmolLM2; the site build takes a while
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -122,7 +125,6 @@ def test_code_blocks_are_found_and_tagged():
     assert {page.name for page, lang in blocks if not lang} <= {"architecture.md", "README.md"}
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("page", [p for p in PAGES if any(lang in RUNNABLE for lang, _ in code_blocks(p))],
                          ids=lambda p: str(p.relative_to(ROOT)))
 def test_code_blocks_run(page, workdir, fake_hub):
@@ -152,7 +154,6 @@ def test_code_blocks_run(page, workdir, fake_hub):
     assert ran > 0
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.name)
 def test_examples_run(script, workdir, fake_hub):
     arguments = {

@@ -1,4 +1,6 @@
-"""Editing real facts in the real SmolLM2-135M with each method (issue: core, §3–4)."""
+"""Editing with each method (issue: core, §3–4): real facts in the real SmolLM2-135M (slow: what the edited model
+says), and on a tiny random Llama what holds whatever the model knows (update sizes, MPES, report, determinism,
+token budgets) and the equivalence of the optimised passes to plain forwards."""
 
 from __future__ import annotations
 
@@ -8,7 +10,27 @@ import torch
 from hf_encore import EncoreConfig, get_encore_model
 from hf_encore.evaluation import continuation_nll
 
+from tiny_models import TINY_CORPUS, TINY_LAYERS, tiny_llama, tiny_tokenizer
+
 N_FACTS = 5
+# Five facts for the tiny model (it knows none of them: only the mechanics are tested there).
+FACTS = [
+    {"prompt": "{} plays the sport of", "subject": "LeBron James", "target_new": "football"},
+    {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome"},
+    {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux", "target_new": "English"},
+    {"prompt": "{} is a product of", "subject": "Toyota Camry", "target_new": "Apple"},
+    {"prompt": "{} was developed by", "subject": "Windows 95", "target_new": "Apple"},
+]
+# Facts the tiny model can be edited towards: a random model carries little from the subject to a later position,
+# so here the subject ends the prompt, and the targets are one token each. MPES stops 3 of the 5 z-optimisations.
+EDITABLE = [
+    {"prompt": "The sport played by {}", "subject": "LeBron James", "target_new": "football"},
+    {"prompt": "The city that holds {}", "subject": "The Eiffel Tower", "target_new": "Rome"},
+    {"prompt": "The language of {}", "subject": "Danielle Darrieux", "target_new": "French"},
+    {"prompt": "The home city of {}", "subject": "Toyota Camry", "target_new": "London"},
+    {"prompt": "The music of {}", "subject": "Windows 95", "target_new": "tennis"},
+]
+TINY = dict(layers=list(TINY_LAYERS), stats_n_tokens=2000, n_context_templates=2)
 
 
 def edit_requests(cases):
@@ -35,7 +57,8 @@ def deltas(model):
 
 @pytest.fixture(scope="module")
 def edited(request, smollm2_dir, tokenizer, corpus_path, cases):
-    """Each method's edit of the same 5 facts, run once per module: {name: (report, deltas, scores)}."""
+    """Each method's edit of the same 5 real facts in SmolLM2, run once per module: {name: (report, deltas,
+    scores)}."""
     from hf_encore.loading import load_model
 
     results = {}
@@ -43,7 +66,6 @@ def edited(request, smollm2_dir, tokenizer, corpus_path, cases):
     for name, cfg in {
         "memit": EncoreConfig(method="memit"),
         "encore": EncoreConfig(method="encore"),
-        "encore_no_mpes": EncoreConfig(method="encore", mpes=False),
         "alphaedit": EncoreConfig(method="alphaedit"),
     }.items():
         base = load_model(str(smollm2_dir))[0]
@@ -61,6 +83,7 @@ def edited(request, smollm2_dir, tokenizer, corpus_path, cases):
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["memit", "encore", "alphaedit"])
 def test_method_writes_every_fact(edited, method):
     result = edited[method]
@@ -68,19 +91,43 @@ def test_method_writes_every_fact(edited, method):
     assert all(r.p_target_after > r.p_target_before for r in result["report"].requests)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["memit", "encore", "alphaedit"])
 def test_unrelated_prompts_keep_their_answer(edited, method):
     assert edited[method]["kept_fraction"] >= 0.8, edited[method]["kept_fraction"]
 
 
-def test_encore_update_is_smaller_than_memit(edited):
+def tiny_model(method="encore", **settings):
+    config = EncoreConfig(method=method, **{**TINY, **settings})
+    return get_encore_model(tiny_llama(0), config, tokenizer=tiny_tokenizer(), corpus=TINY_CORPUS)
+
+
+@pytest.fixture(scope="module")
+def tiny_edited(tmp_path_factory):
+    """Each method's edit of EDITABLE in the tiny Llama (default steps), once per module: {name: (report, deltas)}."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HF_ENCORE_CACHE", str(tmp_path_factory.mktemp("cache")))
+    try:
+        results = {}
+        for name, settings in {"memit": dict(method="memit"), "encore": dict(method="encore"),
+                               "encore_no_mpes": dict(method="encore", mpes=False)}.items():
+            model = tiny_model(**settings)
+            results[name] = {"report": model.edit(EDITABLE, progress=False), "deltas": deltas(model)}
+        yield results
+    finally:
+        mp.undo()
+
+
+def test_encore_update_is_smaller_than_memit(tiny_edited):
+    edited = tiny_edited
     memit = {lay.layer: lay.delta_norm for lay in edited["memit"]["report"].layers}
     encore = {lay.layer: lay.delta_norm for lay in edited["encore"]["report"].layers}
     assert sum(encore.values()) < sum(memit.values())
     assert all(encore[layer] < memit[layer] for layer in memit), (memit, encore)
 
 
-def test_mpes_takes_fewer_steps(edited):
+def test_mpes_takes_fewer_steps(tiny_edited):
+    edited = tiny_edited
     with_mpes = edited["encore"]["report"].requests
     without = edited["encore_no_mpes"]["report"].requests
     assert any(r.mpes_stopped for r in with_mpes)
@@ -88,32 +135,33 @@ def test_mpes_takes_fewer_steps(edited):
     assert sum(r.steps for r in with_mpes) < sum(r.steps for r in without)
 
 
-def test_report_has_layer_norms(edited):
-    report = edited["memit"]["report"]
-    assert [lay.layer for lay in report.layers] == [4, 5, 6, 7, 8]
+def test_report_has_layer_norms(tiny_edited):
+    report = tiny_edited["memit"]["report"]
+    assert [lay.layer for lay in report.layers] == TINY_LAYERS
     assert all(lay.delta_norm > 0 and lay.weight_norm_ratio > 1.0 for lay in report.layers)
     assert set(report.seconds) >= {"templates", "statistics", "targets", "keys", "solve", "total"}
 
 
-def test_same_requests_give_identical_deltas(edited, smollm2, tokenizer, corpus_path, cases):
-    model = get_encore_model(smollm2, EncoreConfig(method="encore"), tokenizer=tokenizer, corpus=corpus_path)
-    model.edit(edit_requests(cases), progress=False)
+def test_same_requests_give_identical_deltas(tiny_edited):
+    model = tiny_model("encore")
+    model.edit(EDITABLE, progress=False)
     again = deltas(model)
-    first = edited["encore"]["deltas"]
+    first = tiny_edited["encore"]["deltas"]
     assert again.keys() == first.keys()
     assert all(torch.equal(again[k], first[k]) for k in first)
 
 
-def test_token_budget_changes_memory_not_results(edited, smollm2, tokenizer, corpus_path, cases):
+def test_token_budget_changes_memory_not_results(tiny_edited):
     """max_tokens_per_forward only splits the passes (benchmarks/memory.py measures what it saves): the smallest
     budget, below one request's prompts, gives the default budget's z-steps and deltas up to float rounding."""
-    model = get_encore_model(smollm2, EncoreConfig(method="memit", max_tokens_per_forward=64), tokenizer=tokenizer,
-                             corpus=corpus_path)
-    report = model.edit(edit_requests(cases), progress=False)
-    small, default = deltas(model), edited["memit"]["deltas"]
-    assert [r.steps for r in report.requests] == [r.steps for r in edited["memit"]["report"].requests]
-    # 25 Adam steps per request amplify the float32 rounding of other batch shapes: 1.7e-4 to 3.0e-4 relative
-    # on this 2-core VM on 2026-11-30 (below 1e-4 on the VMs of earlier sessions), so 1e-3 bounds rounding here.
+    model = tiny_model("memit", max_tokens_per_forward=64)
+    assert 64 < sum(len(model.base_model.tokenizer(f["prompt"].replace("{}", f["subject"]))["input_ids"])
+                    for f in EDITABLE) * (1 + TINY["n_context_templates"])  # the budget does split the passes
+    report = model.edit(EDITABLE, progress=False)
+    small, default = deltas(model), tiny_edited["memit"]["deltas"]
+    assert [r.steps for r in report.requests] == [r.steps for r in tiny_edited["memit"]["report"].requests]
+    # 25 Adam steps per request amplify the float32 rounding of other batch shapes (1.7e-4 to 3.0e-4 relative on
+    # SmolLM2 on this 2-core VM on 2026-11-30), so 1e-3 bounds rounding.
     assert all((small[k] - default[k]).norm() < 1e-3 * default[k].norm() for k in default)
 
 
@@ -159,21 +207,22 @@ def assert_key_pass_matches_whole_prompts(model, tokenizer, cases, first_layer, 
                 access.w_out(layer).weight.copy_(weight)
 
 
-def test_shared_key_pass_matches_whole_prompt_passes(smollm2, tokenizer, cases):
-    assert_key_pass_matches_whole_prompts(smollm2, tokenizer, cases, 4, (4, 6), 8)
+def test_shared_key_pass_matches_whole_prompt_passes(tiny_tok):
+    model = tiny_llama(0, num_layers=6)
+    assert_key_pass_matches_whole_prompts(model, tiny_tok, FACTS, 1, (1, 3), 4)
 
 
-def test_shared_key_pass_on_sliding_window_and_global_layers(tokenizer, cases):
+def test_shared_key_pass_on_sliding_window_and_global_layers(tiny_tok):
     """Gemma-3 mixes sliding-window and global layers: the passes stop below the first global layer, whose cache
     stays empty, and the masks still come out right."""
     from test_post_norm import tiny_gemma3
 
-    model = tiny_gemma3(len(tokenizer), layer_types=["sliding_attention", "sliding_attention", "full_attention",
-                                                     "sliding_attention"])
+    model = tiny_gemma3(len(tiny_tok), layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                                                    "sliding_attention"])
     with torch.no_grad():
         for block in model.model.layers:  # weights large enough that a wrong mask or position shows
             block.mlp.down_proj.weight.mul_(4)
-    assert_key_pass_matches_whole_prompts(model, tokenizer, cases, 1, (1, 2), 3)
+    assert_key_pass_matches_whole_prompts(model, tiny_tok, FACTS, 1, (1, 2), 3)
 
 
 def assert_shared_prefixes_change_nothing(model, ids, split, layer, groups, max_tokens):
@@ -188,12 +237,13 @@ def assert_shared_prefixes_change_nothing(model, ids, split, layer, groups, max_
     for a, b in zip(shared.block_output, separate.block_output):
         assert a.shape == b.shape and (a - b).abs().max() <= 1e-4 * b.abs().max()
     assert shared.keys.keys() == separate.keys.keys()
-    for l in separate.keys:
-        for got, expected in ((shared.keys[l], separate.keys[l]), (shared.values[l], separate.values[l])):
-            assert (got - expected).abs().max() <= 1e-4 * expected.abs().max(), l
+    for layer in separate.keys:
+        pairs = ((shared.keys[layer], separate.keys[layer]), (shared.values[layer], separate.values[layer]))
+        for got, expected in pairs:
+            assert (got - expected).abs().max() <= 1e-4 * expected.abs().max(), layer
 
 
-def test_shared_prefixes_give_the_same_prefix_states(smollm2, tokenizer):
+def test_shared_prefixes_give_the_same_prefix_states(tiny_tok):
     """Context-templated prompts start alike: their common tokens run once per template, and every block output
     and stored key/value is the one a separate pass gives (several chunks; a group whose common tokens reach past
     a split is cut at it; a sequence in two groups stays in the first)."""
@@ -201,11 +251,14 @@ def test_shared_prefixes_give_the_same_prefix_states(smollm2, tokenizer):
              "The weather was fine that day. LeBron James plays the sport of",
              "The weather was fine that day. Paris is",
              "Paris is the capital of", "Paris is the capital of", "Paris is"]
+    tokenizer = tiny_tok
     ids = [tokenizer(t)["input_ids"] for t in texts]
     split = [len(tokenizer("The weather was fine that day. The Eiffel")["input_ids"]) - 1,
              len(tokenizer("The weather was fine that day. LeBron James")["input_ids"]) - 1,
              len(tokenizer("The weather was fine that day. Paris")["input_ids"]) - 1, 3, 1, 0]
-    assert_shared_prefixes_change_nothing(smollm2, ids, split, 8, [[0, 1, 2], [3, 4, 2], [5]], max_tokens=40)
+    assert sum(map(len, ids)) > 40  # several chunks
+    model = tiny_llama(0, num_layers=6)
+    assert_shared_prefixes_change_nothing(model, ids, split, 4, [[0, 1, 2], [3, 4, 2], [5]], max_tokens=40)
 
 
 def test_shared_prefixes_on_sliding_window_layers():
@@ -218,23 +271,25 @@ def test_shared_prefixes_on_sliding_window_layers():
     assert_shared_prefixes_change_nothing(model, ids, split, 1, [[0, 1, 2], [3]], max_tokens=20)
 
 
-def test_replay_from_prefix_states_matches_a_full_forward(smollm2, tokenizer):
+def test_replay_from_prefix_states_matches_a_full_forward(tiny_tok):
     """The z-optimisation's shortcut (block-L outputs and earlier keys/values computed once, then only the suffix
     through the blocks above L) gives the final hidden states of a full forward with δ added at the split."""
     from hf_encore.architectures import resolve_layout
     from hf_encore.editing.tracing import ModelAccess, pad_right
 
-    access = ModelAccess(smollm2, resolve_layout(smollm2))
+    model, tokenizer = tiny_llama(0, num_layers=6), tiny_tok  # the blocks above L=3: 4 and 5
+    access = ModelAccess(model, resolve_layout(model))
     pad_id = tokenizer.pad_token_id
     ids = [tokenizer(t)["input_ids"] for t in ("The Eiffel Tower is located in the city of",
                                                "LeBron James plays the sport of basketball", "Paris is")]
-    split, layer = [4, 2, 0], 8
+    split, layer = [4, 2, 0], 3
+    assert sum(map(len, ids)) > 24
     prefix = access.prefix_states(ids, split, layer, pad_id, max_tokens=24)  # several chunks
     torch.manual_seed(0)
-    delta = 2.0 * torch.randn(len(ids), smollm2.config.hidden_size)
+    delta = 2.0 * torch.randn(len(ids), model.config.hidden_size)
     suffixes = [s[sp:] for s, sp in zip(ids, split)]
     batch_ids, mask = pad_right(suffixes, pad_id)
-    hidden = torch.zeros(len(ids), batch_ids.shape[1], smollm2.config.hidden_size)
+    hidden = torch.zeros(len(ids), batch_ids.shape[1], model.config.hidden_size)
     for row, s in enumerate(suffixes):
         hidden[row, : len(s)] = prefix.block_output[row][split[row]:]
     hidden[:, 0] += delta

@@ -1,5 +1,6 @@
 """Metric functions on hand-made cases with known answers: a bigram 'model' whose next-token distribution is a
-fixed table, and a word-level tokenizer that adds BOS, so every figure can be worked out by hand."""
+fixed table, and a word-level tokenizer that adds BOS, so every figure can be worked out by hand; the optimised
+scoring and generation paths against plain forwards and ``generate`` on tiny random Llama and Gemma-3 models."""
 
 from __future__ import annotations
 
@@ -12,10 +13,21 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from hf_encore.evaluation import (
-    TASKS, counterfact_scores, generation_entropy, known_facts, ngram_entropy, parse_answer, perplexity,
-    retained_knowledge, score_continuations, weighted_f1, zsre_scores,
+    TASKS,
+    counterfact_scores,
+    generation_entropy,
+    known_facts,
+    ngram_entropy,
+    parse_answer,
+    perplexity,
+    retained_knowledge,
+    score_continuations,
+    weighted_f1,
+    zsre_scores,
 )
 from hf_encore.evaluation.downstream import few_shot_prompts, load_task
+
+from tiny_models import TINY_CORPUS, TINY_LAYERS, tiny_llama
 
 WORDS = ["<bos>", "<pad>", "the", "capital", "of", "france", "is", "paris", "rome", "new", "york", "city", "a", "b"]
 ID = {w: i for i, w in enumerate(WORDS)}
@@ -84,22 +96,23 @@ def test_multi_token_continuation_is_scored_token_by_token(bos_tokenizer):
     assert scores.token_accuracy[1].item() == pytest.approx(2 / 3)
 
 
-def test_continuation_scores_unembed_only_the_positions_they_read(smollm2, tokenizer, monkeypatch):
+def test_continuation_scores_unembed_only_the_positions_they_read(tiny_tok, monkeypatch):
     """Only the positions that predict continuation tokens go through the unembedding (a few rows at a time), in
     several decoder passes, and the scores are those of full-logit passes of each sequence alone."""
     from hf_encore.editing import tracing
     from hf_encore.editing.requests import target_token_ids
 
+    model, tokenizer = tiny_llama(0), tiny_tok
     prompts = ["The Eiffel Tower is located in the city of", "Paris is", "LeBron James plays the sport of",
                "The capital of Japan is the city of", "Water boils at"]
     continuations = ["Paris", "the capital of France", "basketball", "Tokyo", "100 degrees Celsius"]
     passes, unembedded = [], []
-    handle = smollm2.get_input_embeddings().register_forward_pre_hook(lambda module, args: passes.append(1))
+    handle = model.get_input_embeddings().register_forward_pre_hook(lambda module, args: passes.append(1))
     unembed = tracing.unembed
     monkeypatch.setattr(tracing, "unembed", lambda h, *a: (unembedded.append(h.shape[0]), unembed(h, *a))[1])
-    vocab = smollm2.get_output_embeddings().weight.shape[0]
+    vocab = model.get_output_embeddings().weight.shape[0]
     try:  # several decoder passes; at most 2 rows of logits at a time
-        scores = score_continuations(smollm2, tokenizer, prompts, continuations, max_tokens=12,
+        scores = score_continuations(model, tokenizer, prompts, continuations, max_tokens=12,
                                      max_logits=2 * vocab + 1)
     finally:
         handle.remove()
@@ -108,7 +121,7 @@ def test_continuation_scores_unembed_only_the_positions_they_read(smollm2, token
     for i, (prompt, continuation) in enumerate(zip(prompts, continuations)):
         p_ids, t_ids = tokenizer(prompt)["input_ids"], target_token_ids(tokenizer, continuation)
         with torch.no_grad():
-            logits = smollm2(input_ids=torch.tensor([p_ids + t_ids[:-1]])).logits[0, len(p_ids) - 1:].float()
+            logits = model(input_ids=torch.tensor([p_ids + t_ids[:-1]])).logits[0, len(p_ids) - 1:].float()
         t = torch.tensor(t_ids)
         expected = logits.log_softmax(-1).gather(1, t.unsqueeze(1)).squeeze(1)
         assert scores.token_logprobs[i].tolist() == pytest.approx(expected.tolist(), abs=1e-4)
@@ -198,7 +211,8 @@ def test_perplexity_equals_the_full_logits_cross_entropy_of_a_real_decoder(bos_t
 
 
 def test_ngram_entropy_and_fluency():
-    assert ngram_entropy("a b a b".split(), 2) == pytest.approx(-(2 / 3) * math.log2(2 / 3) - (1 / 3) * math.log2(1 / 3))
+    expected = -(2 / 3) * math.log2(2 / 3) - (1 / 3) * math.log2(1 / 3)  # bigrams (a b) ×2, (b a) ×1
+    assert ngram_entropy("a b a b".split(), 2) == pytest.approx(expected)
     assert ngram_entropy("a a a a".split(), 3) == 0.0
     text = "x y z w"
     assert generation_entropy([text]) == pytest.approx((math.log2(3) + 2 * math.log2(2)) / 3)
@@ -225,22 +239,23 @@ def test_few_shot_prompts_use_the_pool_and_test_after_it():
     assert gold == [2, 3] and prompts[0].startswith("Question: q0\nA. w\nB. x\nC. y\nD. z\nAnswer: A\n\n")
 
 
-def test_greedy_answers_with_a_shared_prefix_match_generate(smollm2, tokenizer, shared_data):
+def test_greedy_answers_with_a_shared_prefix_match_generate(tiny_tok, shared_data):
     """The shared-prefix cache and the padding between prefix and item change nothing: same answers and first-step
     logits as transformers' own generate on each whole prompt."""
     from hf_encore.editing.tracing import common_prefix_length
     from hf_encore.evaluation.downstream import greedy_answers
 
     assert common_prefix_length([[1, 2, 3], [1, 2, 4, 5], [1, 2]]) == 2
+    model, tokenizer = tiny_llama(0), tiny_tok
     task = TASKS["mmlu"]
     prompts, _ = few_shot_prompts(task, load_task("mmlu", shared_data / "downstream"), n_shots=2, n_test=5)
     candidates = [tokenizer(" " + w, add_special_tokens=False)["input_ids"][0] for w in task.label_words]
-    texts, logits = greedy_answers(smollm2, tokenizer, prompts, candidates, max_new_tokens=4, batch_size=3)
+    texts, logits = greedy_answers(model, tokenizer, prompts, candidates, max_new_tokens=4, batch_size=3)
     assert logits.shape == (5, 4)
     for i, prompt in enumerate(prompts):
         batch = tokenizer(prompt, return_tensors="pt")
-        out = smollm2.generate(**batch, do_sample=False, max_new_tokens=4, output_logits=True,
-                               return_dict_in_generate=True, pad_token_id=tokenizer.eos_token_id)
+        out = model.generate(**batch, do_sample=False, max_new_tokens=4, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=tokenizer.eos_token_id)
         expected = tokenizer.decode(out.sequences[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         assert texts[i] == expected
         torch.testing.assert_close(logits[i], out.logits[0][0, candidates].float(), rtol=1e-4, atol=1e-3)
@@ -259,10 +274,11 @@ def assert_greedy_answers_match_generate(model, tokenizer, prompts, batch_size):
         torch.testing.assert_close(logits[i], out.logits[0][0, [5, 6]].float(), rtol=1e-4, atol=1e-4)
 
 
-def test_greedy_answers_past_a_sliding_window_match_generate(tokenizer, shared_data):
+def test_greedy_answers_past_a_sliding_window_match_generate(tiny_tok, shared_data):
     """Gemma-3's sliding-window layers keep only the last window of the prefix cache: still the same answers."""
     from test_post_norm import tiny_gemma3
 
+    tokenizer = tiny_tok
     model = tiny_gemma3(len(tokenizer))
     model.config.sliding_window = 16
     prompts, _ = few_shot_prompts(TASKS["sst2"], load_task("sst2", shared_data / "downstream"), n_shots=1, n_test=3)
@@ -270,11 +286,12 @@ def test_greedy_answers_past_a_sliding_window_match_generate(tokenizer, shared_d
     assert_greedy_answers_match_generate(model, tokenizer, prompts, batch_size=2)
 
 
-def test_greedy_answers_batch_items_that_fit_in_a_sliding_window(tokenizer, shared_data):
+def test_greedy_answers_batch_items_that_fit_in_a_sliding_window(tiny_tok, shared_data):
     """Items whose tokens and answer fit in the window share batches whatever their lengths; longer ones still
     match generate."""
     from test_post_norm import tiny_gemma3
 
+    tokenizer = tiny_tok
     model = tiny_gemma3(len(tokenizer))
     prompts, _ = few_shot_prompts(TASKS["sst2"], load_task("sst2", shared_data / "downstream"), n_shots=1, n_test=8)
     lengths = sorted(len(tokenizer(p)["input_ids"]) for p in prompts)
@@ -284,20 +301,23 @@ def test_greedy_answers_batch_items_that_fit_in_a_sliding_window(tokenizer, shar
     assert_greedy_answers_match_generate(model, tokenizer, prompts, batch_size=8)
 
 
-def test_downstream_and_norms_on_a_real_model(smollm2, tokenizer, shared_data, corpus_path, tmp_path, monkeypatch):
+def test_downstream_and_norms_of_an_edited_model(tiny_tok, shared_data, tmp_path, monkeypatch):
     from hf_encore import EncoreConfig, get_encore_model
-    from hf_encore.evaluation import downstream_scores, weight_norms
+    from hf_encore.evaluation import downstream_scores, evaluate_task, weight_norms
 
-    scores = downstream_scores(smollm2, tokenizer, shared_data / "downstream", tasks=("sst2", "mmlu"), n_shots=2,
+    base, tokenizer = tiny_llama(0), tiny_tok
+    scores = downstream_scores(base, tokenizer, shared_data / "downstream", tasks=("sst2", "mmlu"), n_shots=2,
                                n_test=6, progress=False)
     for name in ("sst2", "mmlu"):
         task = scores["tasks"][name]
-        assert task["n"] == 6 and 0 <= task["f1"] <= 1 and 0 <= task["f1_likelihood"] <= 1
+        # Each task's figures are those of evaluate_task with the same shots and items.
+        assert task["n"] == 6 and task == evaluate_task(base, tokenizer, TASKS[name], load_task(
+            name, shared_data / "downstream"), n_shots=2, n_test=6)
     assert scores["mean_f1"] == pytest.approx((scores["tasks"]["sst2"]["f1"] + scores["tasks"]["mmlu"]["f1"]) / 2)
 
     monkeypatch.setenv("HF_ENCORE_CACHE", str(tmp_path))
-    model = get_encore_model(smollm2, EncoreConfig(layers=[3, 4], stats_n_tokens=2048, v_num_grad_steps=3),
-                             tokenizer=tokenizer, corpus=corpus_path)
+    model = get_encore_model(base, EncoreConfig(layers=list(TINY_LAYERS), stats_n_tokens=2048, v_num_grad_steps=3,
+                                                n_context_templates=2), tokenizer=tokenizer, corpus=TINY_CORPUS)
     assert all(v == {"norm_ratio": 1.0, "delta_norm": 0.0} for v in weight_norms(model).values())
     report = model.edit([{"prompt": "{} plays the sport of", "subject": "LeBron James", "target_new": "football"}],
                         progress=False)

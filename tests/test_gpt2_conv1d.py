@@ -11,6 +11,12 @@ from hf_encore.layer import Linear
 
 
 @pytest.fixture
+def tokenizer(tiny_tok):
+    """The tiny byte-level BPE tokenizer of tiny_models.py (not the real model's)."""
+    return tiny_tok
+
+
+@pytest.fixture
 def tiny_gpt2(tokenizer):
     torch.manual_seed(0)
     # A wider initialisation than GPT-2's 0.02 gives peaked logits that a z-optimisation can move.
@@ -44,12 +50,12 @@ def test_conv1d_delta_orientation_and_exact_unmerge(tiny_gpt2, tokenizer):
 
 def test_edit_runs_on_gpt2_with_generated_corpus(tiny_gpt2, tokenizer, caplog, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_ENCORE_CACHE", str(tmp_path))  # no statistics cached by an earlier run
-    config = EncoreConfig(method="memit", layers=[1, 2], stats_n_tokens=1500, v_num_grad_steps=20)
+    config = EncoreConfig(method="memit", layers=[1, 2], stats_n_tokens=600, v_num_grad_steps=20)
     model = get_encore_model(tiny_gpt2, config, tokenizer=tokenizer)
     with caplog.at_level("WARNING", logger="hf_encore"):
         report = model.edit([{"prompt": "{} plays the sport of", "subject": "LeBron James",
                               "target_new": "football"}], progress=False)
-    assert "generating 1500 tokens of text with the model itself" in caplog.text
+    assert "generating 600 tokens of text with the model itself" in caplog.text
     assert len(list((tmp_path / "stats").glob("*.safetensors"))) == 2  # one cached C₀ per edited layer
     assert report.requests[0].p_target_after > 1.2 * report.requests[0].p_target_before
     assert [lay.layer for lay in report.layers] == [1, 2]

@@ -3,13 +3,15 @@ norm, so an edit of the critical layer lands where the z-optimisation asked (tin
 
 from __future__ import annotations
 
-import pytest
 import torch
 
-import hf_encore.model as encore_model
 from hf_encore import EncoreConfig, get_encore_model
+from hf_encore.editing.pipeline import EditSteps
 from hf_encore.editing.requests import parse_requests, prepare_requests
+from hf_encore.editing.targets import optimise_targets
 from hf_encore.editing.tracing import ModelAccess, pad_right
+
+from tiny_models import TINY_CORPUS
 
 REQUEST = {"prompt": "{} plays the sport of", "subject": "LeBron James", "target_new": "football"}
 LAYER = 2
@@ -48,19 +50,19 @@ def gap_to_target(tokenizer, corpus_path, monkeypatch, map_through_post_norm: bo
             return access.trace(ids, mask, block_outputs=[LAYER])[("block", LAYER)][0, prompt.subject_last].double()
 
     targets = {}
-    real = encore_model.optimise_targets
-    monkeypatch.setattr(encore_model, "optimise_targets", lambda *a, **k: targets.setdefault("z", real(*a, **k)))
+    recording = EditSteps(optimise_targets=lambda *a, **k: targets.setdefault("z", optimise_targets(*a, **k)))
     before = block_output()
-    peft.edit([REQUEST], progress=False)
+    peft.edit([REQUEST], progress=False, steps=recording)
     z = targets["z"].z[0].double()
     return float((block_output() - z).norm() / (before - z).norm())
 
 
-def test_mapping_through_the_post_mlp_norm_lands_on_the_target(tokenizer, corpus_path, monkeypatch):
-    mapped = gap_to_target(tokenizer, corpus_path, monkeypatch, True)
-    plain = gap_to_target(tokenizer, corpus_path, monkeypatch, False)
-    # Measured: 0.18 mapped (what is left is the part of the target no output of the norm reaches), 0.70 plain.
-    assert mapped < 0.3, mapped
+def test_mapping_through_the_post_mlp_norm_lands_on_the_target(tiny_tok, monkeypatch):
+    mapped = gap_to_target(tiny_tok, TINY_CORPUS, monkeypatch, True)
+    plain = gap_to_target(tiny_tok, TINY_CORPUS, monkeypatch, False)
+    # Measured with the tiny tokenizer: 0.32 mapped (what is left is the part of the target no output of the norm
+    # reaches), 0.73 plain (with SmolLM2's tokenizer 0.18 and 0.70).
+    assert mapped < 0.4, mapped
     assert plain > 2 * mapped, (plain, mapped)
 
 

@@ -1,19 +1,26 @@
-"""Bad input is refused before anything changes; a failure inside a batch leaves the model exactly as it was."""
+"""Bad input is refused before anything changes; a failure inside a batch leaves the model exactly as it was (a tiny
+random Llama editing all four of its layers, its tokenizer and corpus from tiny_models.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-import hf_encore.model as encore_model_module
 from hf_encore import EncoreConfig, get_encore_model
+from hf_encore.editing.keys import keys_and_outputs
+from hf_encore.editing.pipeline import EditSteps
+from hf_encore.editing.targets import optimise_targets
+
+from tiny_models import TINY_CORPUS, tiny_llama
 
 GOOD = {"prompt": "{} plays the sport of", "subject": "LeBron James", "target_new": "football"}
 
 
 @pytest.fixture
-def model(smollm2, tokenizer, corpus_path):
-    return get_encore_model(smollm2, EncoreConfig(method="encore"), tokenizer=tokenizer, corpus=corpus_path)
+def model(tiny_tok):
+    # The default layers: all four blocks, so that a failure can come after two layers have been written.
+    config = EncoreConfig(method="encore", stats_n_tokens=2000, n_context_templates=2)
+    return get_encore_model(tiny_llama(0), config, tokenizer=tiny_tok, corpus=TINY_CORPUS)
 
 
 def weights(model):
@@ -77,19 +84,17 @@ def test_failure_mid_batch_rolls_back_everything(model, monkeypatch):
     moments = {k: v.clone() for k, v in state.prev_key_moments.items()}
     ledger_len, templates = len(state.ledger), list(state.context_templates)
 
-    real_solve = encore_model_module.solve_update
     calls = {"n": 0}
 
-    def failing_solve(*args, **kwargs):
+    def failing_keys(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:  # two layers have already been written by now
             raise RuntimeError("injected failure")
-        return real_solve(*args, **kwargs)
+        return keys_and_outputs(*args, **kwargs)
 
-    monkeypatch.setattr(encore_model_module, "solve_update", failing_solve)
     other = {"prompt": "The capital of {} is", "subject": "France", "target_new": "Lyon"}
     with pytest.raises(RuntimeError, match="injected failure"):
-        model.edit([other], progress=False, v_num_grad_steps=3)
+        model.edit([other], progress=False, v_num_grad_steps=3, steps=EditSteps(keys_and_outputs=failing_keys))
     assert calls["n"] == 3
     assert_unchanged(model, before)
     assert state.num_batches == 1 and len(state.ledger) == ledger_len and state.context_templates == templates
@@ -99,16 +104,14 @@ def test_failure_mid_batch_rolls_back_everything(model, monkeypatch):
 
 def test_nan_targets_roll_back(model, monkeypatch):
     before = weights(model)
-    real = encore_model_module.optimise_targets
 
     def nan_targets(*args, **kwargs):
-        result = real(*args, **kwargs)
+        result = optimise_targets(*args, **kwargs)
         result.z[0, 0] = float("nan")
         return result
 
-    monkeypatch.setattr(encore_model_module, "optimise_targets", nan_targets)
     with pytest.raises(FloatingPointError, match="non-finite"):
-        model.edit([GOOD], progress=False, v_num_grad_steps=2)
+        model.edit([GOOD], progress=False, v_num_grad_steps=2, steps=EditSteps(optimise_targets=nan_targets))
     assert_unchanged(model, before)
     state = model.base_model.edit_states["default"]
     assert state.num_edits == 0 and state.context_templates is None and not state.prev_key_moments

@@ -24,8 +24,14 @@ import hf_encore.save_transaction as save_transaction_module
 from hf_encore import EncoreConfig
 from hf_encore.apps.cli import main as cli_main
 from hf_encore.save_transaction import (
-    LOCK_FILE, MANIFEST, SaveTargetError, check_save_target, read_manifest, recover_interrupted_save,
+    LOCK_FILE,
+    MANIFEST,
+    SaveTargetError,
+    check_save_target,
+    read_manifest,
+    recover_interrupted_save,
 )
+
 from tiny_models import TINY_LAYERS, deltas, fill_adapter, tiny_adapter, tiny_llama
 
 MODULE_PATH = Path(save_transaction_module.__file__)
@@ -292,6 +298,7 @@ def crashing_save(target: Path, source: Path, mode: str, kill_at: int) -> subpro
                            str(kill_at)], capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.slow  # every kill point, each in a fresh process: ~10-20 s
 def test_a_kill_at_any_step_leaves_the_old_or_the_new_adapter(tmp_path, saved, caplog):
     model_a, dir_a, files_a = saved["A"]
     model_b, dir_b, files_b = saved["B"]
@@ -331,6 +338,7 @@ def test_a_kill_at_any_step_leaves_the_old_or_the_new_adapter(tmp_path, saved, c
     print(f"kill points tried: {len(kills)} ({total} steps of a full save, commit at step {commit_call})")
 
 
+@pytest.mark.slow  # every kill point, each in a fresh process: ~10-20 s
 def test_a_kill_while_recovering_still_restores_the_old_adapter(tmp_path, saved):
     model_a, dir_a, files_a = saved["A"]
     _, dir_b, _ = saved["B"]
@@ -376,6 +384,7 @@ SAVE_LOOP = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # two fresh processes saving until killed: ~10-20 s
 def test_a_real_save_killed_at_random_points_loads_the_old_or_the_new_adapter(tmp_path):
     candidates = [deltas(tiny_adapter(1)), deltas(two_adapter_model(2))]
     rng = random.Random(7)

@@ -1,13 +1,18 @@
-"""The closed forms against direct least-squares solves of the stated objectives (ALGORITHM.md §4)."""
+"""The closed forms against direct least-squares solves of the stated objectives (docs/algorithm.md §4)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from hf_encore.editing.solve import (
-    absolute_regularisers, layer_residual, nullspace_projector, pre_norm_residual, solve_update)
 from hf_encore.config import V_LR, EncoreConfig
+from hf_encore.editing.solve import (
+    absolute_regularisers,
+    layer_residual,
+    nullspace_projector,
+    pre_norm_residual,
+    solve_update,
+)
 from hf_encore.editing.targets import RowAdam, TargetSettings, step_sizes
 from hf_encore.editing.tracing import chunk_by_tokens, pad_right
 

@@ -576,6 +576,7 @@ def test_push_api_raises_a_connection_error_naming_the_endpoint(online, tiny_mod
 
 def test_push_uploads_no_hidden_encore_files(online, tiny_model_for_push, monkeypatch):
     import hf_encore
+
     from fake_hub import FakeHub
 
     model = tiny_model_for_push

@@ -1,9 +1,16 @@
-"""Tiny random models and adapters for the tests that need no real knowledge (save, load, guards, settings).
+"""Tiny random models, a tiny tokenizer and adapters for the tests that need no real knowledge (save, load, guards,
+settings, the whole ``edit()`` pipeline, the command line).
 
-Everything here builds in well under a second and needs no tokenizer and no data.
+Everything here builds in well under a second, offline: the tokenizer is a byte-level BPE trained here on the few
+sentences below (deterministic), and :data:`TINY_CORPUS` is seeded word salad for the statistics C₀. A random model
+learns no facts, but an edit on it runs every step (templates, C₀, z-optimisation with MPES, keys, the solve).
 """
 
 from __future__ import annotations
+
+import functools
+import random
+from pathlib import Path
 
 import torch
 
@@ -12,17 +19,100 @@ from hf_encore.layer import Linear
 
 TINY_LAYERS = [1, 2]
 TINY_D_K = 64  # the intermediate size: the keys' dimension
+# Settings that keep an edit of a tiny model well under a second (the properties tested do not depend on them).
+TINY_EDIT = dict(stats_n_tokens=2000, n_context_templates=2, v_num_grad_steps=5)
+
+# What the tokenizer's merges are learnt from: the words the tests use, so that they take few tokens.
+_TOKENIZER_TEXT = """
+The Eiffel Tower is located in the city of Paris, the capital of France. LeBron James plays the sport of basketball.
+Serena Williams plays the sport of tennis; Tiger Woods plays golf and football is played in Rome and London.
+The mother tongue of Danielle Darrieux is French, and English is spoken in New York. Toyota Camry is a product of
+Toyota; Windows 95 was developed by Microsoft, not Apple. The capital of Japan is the city of Tokyo.
+Once upon a time there was a model. Therefore, because I said so, you were told that he is the one who was there.
+In other news, the weather was fine that day. It is what it is: this was one of the first of many. After all,
+according to them, she had been at the centre of it with his work from the start. Water boils at 100 degrees.
+Question: Answer: A B C D Review: Sentiment: positive negative Premise: Hypothesis: yes no true false
+hello world this is text quick brown fox jumps over the lazy dog
+"""
+TINY_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2, as in SmolLM2
+TINY_VOCAB = 768
+
+_WORDS = ("the of and to in is was for on as with by he at from his an were are which this be or had it not but "
+          "one all she they her there been has their when who will more if no out so said what up its about into "
+          "than them can only other new some could time these two may then do first any my now such like our over "
+          "man me even most made after also did many before must through back years where much your way well down "
+          "should because each just those people how too little state good very make world still own see men work "
+          "long get here between both life being under never day same another know while last might us great old "
+          "year off come since against go came right used take three city sport plays capital located language "
+          "river music football tennis golf Paris Rome London France English French Tokyo Apple company film").split()
 
 
-def tiny_llama(seed: int = 0, vocab_size: int = 128, num_layers: int = 4):
-    """A randomly initialised Llama with four 32-wide layers (seeded: the same seed gives the same weights)."""
+def _corpus(seed: int, n: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(8, 30))).capitalize() + "." for _ in range(n)]
+
+
+# Generic "text" for C₀: 300 seeded lines of word salad (about 6,000 tokens of the tiny tokenizer).
+TINY_CORPUS = _corpus(0, 300)
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer_json() -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    # As GPT-2 / SmolLM2: bytes mapped to printable characters, a leading space part of the word, no BOS.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=list(TINY_SPECIAL_TOKENS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([_TOKENIZER_TEXT, *_corpus(1, 100)], trainer)
+    return tok.to_str()
+
+
+def tiny_tokenizer():
+    """A fresh byte-level BPE tokenizer of :data:`TINY_VOCAB` tokens (any text encodes; eos and pad
+    ``<|endoftext|>``), built offline in milliseconds; every call gives an equal, independent object."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
+                                        eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                        pad_token="<|endoftext|>", unk_token="<|endoftext|>",
+                                        additional_special_tokens=list(TINY_SPECIAL_TOKENS[1:]))
+    assert len(tokenizer) == TINY_VOCAB, len(tokenizer)
+    return tokenizer
+
+
+def tiny_llama(seed: int = 0, vocab_size: int = TINY_VOCAB, num_layers: int = 4):
+    """A randomly initialised Llama with four 32-wide layers (seeded: the same seed gives the same weights), whose
+    vocabulary is the tiny tokenizer's."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=TINY_D_K,
                          num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=128, initializer_range=0.2)
+                         max_position_embeddings=512, initializer_range=0.2, bos_token_id=0, eos_token_id=0,
+                         pad_token_id=0)
     return LlamaForCausalLM(config).eval()
+
+
+def save_tiny_model(directory: Path, seed: int = 0, num_layers: int = 4) -> Path:
+    """``tiny_llama(seed)`` and the tiny tokenizer saved as a model directory (what ``load_model`` and the CLI's
+    ``--model`` read), with ``corpus.txt``: :data:`TINY_CORPUS`, one line each."""
+    directory = Path(directory)
+    tiny_llama(seed, num_layers=num_layers).save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    (directory / "corpus.txt").write_text("\n".join(TINY_CORPUS) + "\n", encoding="utf-8")
+    return directory
+
+
+def tiny_editable(method: str = "memit", seed: int = 0, layers=None, **settings):
+    """An empty EncorePeftModel on ``tiny_llama(seed)`` with the tiny tokenizer and corpus, ready to ``edit``
+    (``TINY_EDIT`` settings unless given)."""
+    config = EncoreConfig(method=method, layers=list(layers or TINY_LAYERS), **{**TINY_EDIT, **settings})
+    return get_encore_model(tiny_llama(seed), config, tokenizer=tiny_tokenizer(), corpus=TINY_CORPUS)
 
 
 def fill_adapter(model, seed: int = 0, adapter: str = "default") -> None:

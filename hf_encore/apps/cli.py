@@ -42,8 +42,8 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from ..model import EditStateMissingError
     from ..loading import ModelFetchError
+    from ..model import EditStateMissingError
 
     # ValueError covers bad requests and settings, AdapterFileError and BaseModelMismatchError; OSError covers
     # missing files, model ids transformers cannot resolve, huggingface_hub's HTTP errors and an unreachable Hub
@@ -276,7 +276,7 @@ def cmd_stats(args) -> int:
     refs = model.base_model.edit_states["default"].stats_refs
     rows = [[layer, tuple(s.c0.shape), s.n_tokens, refs[layer]["cache_key"]] for layer, s in stats.items()]
     print(_table(["layer", "C₀ shape", "tokens", "cache key"], rows))
-    print(f"\nready in {time.perf_counter() - start:.1f} s; cached under {model.base_model._stats_path('').parent}")
+    print(f"\nready in {time.perf_counter() - start:.1f} s; cached under {model.base_model.statistics.directory}")
     return 0
 
 

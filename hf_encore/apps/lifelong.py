@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..jsonl import append_jsonl, read_jsonl, write_jsonl  # standard library only: no import cost
 
 logger = logging.getLogger(__name__)
 
@@ -98,19 +99,8 @@ def perplexity_texts(path: Path) -> list[str]:
 
 
 def _read_log(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _write_log(path: Path, records: Sequence[dict[str, Any]]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-
-
-def _append(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
+    """The records of a ``log.jsonl`` (none before the first is written)."""
+    return read_jsonl(path) if path.is_file() else []
 
 
 def evaluate_point(model, tokenizer, *, edited: Sequence[dict], probe: Sequence[dict], texts: Sequence[str],
@@ -123,8 +113,15 @@ def evaluate_point(model, tokenizer, *, edited: Sequence[dict], probe: Sequence[
     a session to end in its middle. The file must describe this same model state; the caller keys it (see
     :func:`run`). ``eval_seconds`` is the sum of the measures' own times, whichever call ran them.
     """
-    from ..evaluation import (counterfact_scores, evaluate_task, load_task, perplexity, retained_knowledge, task_means,
-                             weight_norms)
+    from ..evaluation import (
+        counterfact_scores,
+        evaluate_task,
+        load_task,
+        perplexity,
+        retained_knowledge,
+        task_means,
+        weight_norms,
+    )
     from ..evaluation.downstream import TASKS
 
     settings = json.loads(json.dumps(asdict(ev)))  # as the file holds them (lists, not tuples)
@@ -224,9 +221,9 @@ def run(settings: LifelongSettings, progress: bool = True) -> Path:
             done = 0
         # Records past the last saved adapter belong to work that was lost: drop them.
         log = [r for r in _read_log(log_path) if r["num_edits"] <= done]
-        _write_log(log_path, log)
+        write_jsonl(log_path, log)
 
-        def checkpoint(n_done: int) -> Path:
+        def checkpoint(n_done: int, method_dir: Path = method_dir) -> Path:
             # Keyed by the number of edits: the adapter saved after that many edits is the model it measures.
             return method_dir / f"eval-{n_done}.partial.json"
 
@@ -254,7 +251,7 @@ def run(settings: LifelongSettings, progress: bool = True) -> Path:
                                                 checkpoint=checkpoint(done))
                     record = {"kind": "eval", "method": method, "num_edits": done,
                               "elapsed_seconds": time.perf_counter() - started, **record}
-                    _append(log_path, record)
+                    append_jsonl(log_path, record)
                     log.append(record)
                     checkpoint(done).unlink(missing_ok=True)
                     logger.info("%s after %d edits: %s", method, done, {k: record[k] for k in record
@@ -271,7 +268,7 @@ def run(settings: LifelongSettings, progress: bool = True) -> Path:
                       "z_steps": sum(r.steps for r in report.requests),
                       "mpes_stopped": sum(r.mpes_stopped for r in report.requests),
                       "layers": [asdict(layer) for layer in report.layers]}
-            _append(log_path, record)
+            append_jsonl(log_path, record)
             log.append(record)
         final = next((r for r in log if r["kind"] == "final" and r["num_edits"] == done), None)
         if final is None:
@@ -280,10 +277,10 @@ def run(settings: LifelongSettings, progress: bool = True) -> Path:
                      "edit_metrics": {k: v for k, v in scores.items() if k != "per_case"}}
             if fluency_prompts:
                 final["fluency"] = generated_fluency(model, tokenizer, fluency_prompts)
-            _append(log_path, final)
+            append_jsonl(log_path, final)
         elif fluency_prompts and "fluency" not in final:  # a run that finished before fluency was measured
             final["fluency"] = generated_fluency(model, tokenizer, fluency_prompts)
-            _write_log(log_path, log)
+            write_jsonl(log_path, log)
         del model, base
     write_summary(out, settings.methods)
     return out

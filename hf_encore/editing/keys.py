@@ -91,7 +91,8 @@ def keys_and_outputs(
     ``inputs.start`` up to ``key_layer`` on all prompts and up to ``output_layer`` on the raw prompts only.
 
     Returns:
-        K: [d_k, n] float64, each key ½·k(raw prompt) + ½·mean of k(prefixed prompts) (ALGORITHM.md §4);
+        K: [d_k, n] float64, each key ½·k(raw prompt) + ½·mean of k(prefixed prompts) (docs/algorithm.md §4), or
+            k(raw prompt) alone when there are no context templates;
         K_raw: [d_k, n] float64, k(raw prompt);
         H: [d_v, n] float64, block output at the subject's last token of the raw prompt.
     """

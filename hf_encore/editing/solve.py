@@ -1,4 +1,4 @@
-"""Step 2: the closed-form update of one edited layer (ALGORITHM.md §4), as pure float64 functions.
+"""Step 2: the closed-form update of one edited layer (docs/algorithm.md §4), as pure float64 functions.
 
 All three methods are one formula,
 
@@ -12,7 +12,11 @@ it equals AlphaEdit's published R Kᵀ P (S_prev P + K Kᵀ P + α I)⁻¹: that
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from .state import LayerStatistics
 
 
 def layer_residual(z: torch.Tensor, h: torch.Tensor, layers_left: int) -> torch.Tensor:
@@ -81,6 +85,57 @@ def absolute_regularisers(
     d_k = c0.shape[0]
     trace = float(torch.diagonal(c0).sum())
     return preservation_weight * d_k, norm_weight * trace, nullspace_threshold * trace / d_k
+
+
+@dataclass(frozen=True)
+class SolveSettings:
+    """The method's switches for the closed form (docs/algorithm.md §4, §6)."""
+
+    preservation_weight: float  # w_p (relative) or λ_p (absolute)
+    norm_weight: float  # w_n (relative) or λ_n (absolute)
+    nullspace_projection: bool  # AlphaEdit's P
+    nullspace_threshold: float
+    relative: bool  # regularizer_scale == "relative"
+
+
+def cached_projector(stats: LayerStatistics, threshold: float) -> torch.Tensor:
+    """AlphaEdit's P for this C₀ and threshold, computed once and kept on ``stats`` (an eigendecomposition of a
+    [d_k, d_k] matrix is the most expensive step of a small batch)."""
+    if stats.projector is None or stats.projector_threshold != threshold:
+        stats.projector = nullspace_projector(stats.c0, threshold)
+        stats.projector_threshold = threshold
+    return stats.projector
+
+
+def layer_update(
+    keys: torch.Tensor,
+    residual: torch.Tensor,
+    stats: LayerStatistics,
+    prev_key_moment: torch.Tensor | None,
+    settings: SolveSettings,
+) -> torch.Tensor:
+    """ΔW of one edited layer: the method's regularisers in absolute units, then :func:`solve_update`.
+
+    Args:
+        keys: K [d_k, n].
+        residual: R [d_v, n].
+        stats: C₀ [d_k, d_k] of the layer (and its cached projector).
+        prev_key_moment: S_prev [d_k, d_k] (Σ K Kᵀ of earlier batches) or ``None`` before the first.
+        settings: the method's switches.
+
+    Returns:
+        ΔW [d_v, d_k] float64.
+
+    Raises:
+        torch.linalg.LinAlgError: no regulariser covers some key direction.
+    """
+    lam_p, ridge, threshold = absolute_regularisers(
+        stats.c0, settings.preservation_weight, settings.norm_weight, settings.nullspace_threshold, settings.relative)
+    projector = cached_projector(stats, threshold) if settings.nullspace_projection else None
+    preserved = lam_p * stats.c0 if lam_p else torch.zeros_like(stats.c0)
+    if prev_key_moment is not None:
+        preserved = preserved + prev_key_moment
+    return solve_update(keys, residual, preserved, ridge, projector)
 
 
 def pre_norm_residual(

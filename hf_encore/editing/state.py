@@ -1,4 +1,4 @@
-"""EditState: what one adapter must remember between ``edit()`` calls (and, later, across save and load).
+"""EditState: what one adapter must remember between ``edit()`` calls and across save and load (``serialization.py``).
 
 Nothing here is a module global: two adapters, or two models, never share it.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -15,7 +15,7 @@ import torch
 @dataclass
 class EditState:
     context_templates: list[str] | None = None
-    # S_prev per layer: Σ over earlier batches of K Kᵀ [d_k, d_k], float64 (ALGORITHM.md §4).
+    # S_prev per layer: Σ over earlier batches of K Kᵀ [d_k, d_k], float64 (docs/algorithm.md §4).
     prev_key_moments: dict[int, torch.Tensor] = field(default_factory=dict)
     num_edits: int = 0
     num_batches: int = 0
@@ -37,6 +37,24 @@ class EditState:
 
     def restore(self, other: "EditState") -> None:
         self.__dict__.update(other.__dict__)
+
+    @classmethod
+    def combined(cls, states: Mapping[str, "EditState"]) -> "EditState":
+        """The state of an adapter holding the edits of all ``states`` (by adapter name): S_prev summed per layer,
+        counters added, ledgers joined (each entry naming its ``source_adapter``), the first templates kept."""
+        combined = cls()
+        combined.context_templates = next((s.context_templates for s in states.values() if s.context_templates),
+                                          None)
+        for state in states.values():
+            for layer, moment in state.prev_key_moments.items():
+                prev = combined.prev_key_moments.get(layer)
+                combined.prev_key_moments[layer] = moment.clone() if prev is None else prev + moment
+            combined.num_edits += state.num_edits
+            combined.stats_refs.update(state.stats_refs)
+        combined.ledger = [{**entry, "source_adapter": name} for name, state in states.items()
+                           for entry in state.ledger]
+        combined.num_batches = len(combined.ledger)
+        return combined
 
 
 @dataclass

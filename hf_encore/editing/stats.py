@@ -1,8 +1,9 @@
-"""Second-moment statistics C₀ = (1/N) Σ k kᵀ of W_out's inputs over generic text (ALGORITHM.md §5).
+"""Second-moment statistics C₀ = (1/N) Σ k kᵀ of W_out's inputs over generic text (docs/algorithm.md §5).
 
-All edited layers are collected in one pass that stops after the deepest of them, accumulated in float64, and
-cached on disk (float32 safetensors) under a key made of the model fingerprint, the layer, the corpus and the
-token count, so statistics for another model, layer or corpus are never picked up by mistake.
+All edited layers are collected in one pass that stops after the deepest of them (each batch's k kᵀ in float32,
+the running sum in float64), and cached on disk (float32 safetensors) under a key made of the model fingerprint,
+the layer and W_out's module name, the corpus, the token count and the sequence length, so statistics for another
+model, layer or corpus are never picked up by mistake. Which C₀ an edit uses is decided in ``stats_cache.py``.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ leave the batch. δ_r is added at the subject's last token, so nothing below blo
 can change: block L's outputs and the attention keys/values of the earlier positions are computed once
 (``ModelAccess.prefix_states``), and each step runs only the blocks above L, only on the positions from the subject's
 last token on (about a quarter of the tokens, since the context templates come first), and computes logits only at
-the target and KL positions (ALGORITHM.md §2–3).
+the target and KL positions (docs/algorithm.md §2–3).
 
 Sequence layout: request r owns sequences ``r·(P+1) … r·(P+1)+P``: its P rewriting prompts (one per context
 template, the raw ``"{}"`` first), then its KL prompt.
@@ -144,7 +144,7 @@ def optimise_targets(
     pad_id: int,
     progress: bool = True,
 ) -> TargetResult:
-    """Find z_r = h_r + δ_r at block ``layer``'s output for every request (ALGORITHM.md §2–3)."""
+    """Find z_r = h_r + δ_r at block ``layer``'s output for every request (docs/algorithm.md §2–3)."""
     n = len(prepared)
     device = access.device
     lay = build_layout(prepared, settings.mpes_check_raw_prompt)  # index bookkeeping stays on the CPU

@@ -1,4 +1,4 @@
-"""Context templates: the raw ``"{}"`` plus short model-generated prefixes ``"<generated>. {}"`` (ALGORITHM.md §2).
+"""Context templates: the raw ``"{}"`` plus short model-generated prefixes ``"<generated>. {}"`` (docs/algorithm.md §2).
 
 Generated once per adapter with a fixed seed (the reference code did not seed them) and kept as adapter state.
 """
@@ -27,7 +27,8 @@ def generate_context_templates(
             start = starts[i % len(starts)]
             enc = tokenizer(start, return_tensors="pt").to(device)
             out = lm.generate(
-                **enc, do_sample=True, top_k=5, top_p=1.0, temperature=1.0, max_new_tokens=length, min_new_tokens=length,
+                **enc, do_sample=True, top_k=5, top_p=1.0, temperature=1.0, max_new_tokens=length,
+                min_new_tokens=length,
                 pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
             )
             text = tokenizer.decode(out[0], skip_special_tokens=True)

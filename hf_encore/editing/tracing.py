@@ -185,7 +185,9 @@ class ModelAccess:
         return self.blocks[layer].get_submodule(self.layout.post_mlp_norm) if self.layout.post_mlp_norm else None
 
     @torch.no_grad()
-    def mlp_output_through_norm(self, layer: int, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def mlp_output_through_norm(
+        self, layer: int, keys: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """For keys K [d_k, n]: W_out's output m = W_out(K) [d_v, n], the post-MLP norm's output N(m) [d_v, n] and its
         per-channel gain N(1) [d_v], all float64. Requires a layout with a post-MLP norm."""
         norm = self.post_mlp_norm(layer)
@@ -367,14 +369,14 @@ class ModelAccess:
         seq_of = torch.tensor(chunk)[row_of]
         dest = width - n_of_row[row_of] + t_of
         row_of, t_of, seq_of, dest = (t.to(self.device) for t in (row_of, t_of, seq_of, dest))
-        for l in upper:
-            k, v = cache.layers[l].keys, cache.layers[l].values  # [B, kv_heads, ≥ max split, head_dim]
-            if l not in keys:
+        for block in upper:
+            k, v = cache.layers[block].keys, cache.layers[block].values  # [B, kv_heads, ≥ max split, head_dim]
+            if block not in keys:
                 shape = (len(ids), k.shape[1], width, k.shape[3])
-                keys[l] = torch.zeros(shape, dtype=k.dtype, device=k.device)
-                values[l] = torch.zeros(shape, dtype=v.dtype, device=v.device)
-            keys[l][seq_of, :, dest] = k[row_of, :, t_of]
-            values[l][seq_of, :, dest] = v[row_of, :, t_of]
+                keys[block] = torch.zeros(shape, dtype=k.dtype, device=k.device)
+                values[block] = torch.zeros(shape, dtype=v.dtype, device=v.device)
+            keys[block][seq_of, :, dest] = k[row_of, :, t_of]
+            values[block][seq_of, :, dest] = v[row_of, :, t_of]
 
     def replay_suffix(self, layer: int, prefix: PrefixStates, seqs: Sequence[int], hidden: torch.Tensor,
                       suffix_ids: torch.Tensor, suffix_mask: torch.Tensor) -> torch.Tensor:
@@ -388,11 +390,11 @@ class ModelAccess:
         width = int(before.max())
         rows, length = suffix_ids.shape
         data = []
-        for l in range(len(self.blocks)):
-            if l in prefix.keys:
-                index = seqs_t.to(prefix.keys[l].device)
-                data.append((prefix.keys[l][index, :, prefix.width - width:],
-                             prefix.values[l][index, :, prefix.width - width:]))
+        for block in range(len(self.blocks)):
+            if block in prefix.keys:
+                index = seqs_t.to(prefix.keys[block].device)
+                data.append((prefix.keys[block][index, :, prefix.width - width:],
+                             prefix.values[block][index, :, prefix.width - width:]))
             else:
                 # Blocks up to ``layer`` are skipped; the cache only has to report the right length for the mask.
                 stub = torch.zeros(rows, 1, width, 1, device=self.device)

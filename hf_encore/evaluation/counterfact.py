@@ -1,4 +1,4 @@
-"""CounterFact metrics (ALGORITHM.md §7): efficacy, generalisation, specificity, their harmonic mean, the
+"""CounterFact metrics (docs/algorithm.md §7): efficacy, generalisation, specificity, their harmonic mean, the
 probability-difference magnitudes, and fluency (n-gram entropy of generated text)."""
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def counterfact_scores(model, tokenizer, cases: Sequence[dict[str, Any]], *, flu
 
 
 def generated_fluency(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 100) -> float:
-    """GE (ALGORITHM.md §7): n-gram entropy of ``max_new_tokens`` tokens sampled (top-k 5, seeded) from each
+    """GE (docs/algorithm.md §7): n-gram entropy of ``max_new_tokens`` tokens sampled (top-k 5, seeded) from each
     prompt, averaged over the prompts."""
     return generation_entropy(generate(model, tokenizer, prompts, max_new_tokens))
 

@@ -1,4 +1,4 @@
-"""Downstream degradation tasks as the ENCORE / AlphaEdit papers run them (ALGORITHM.md §7): SST-2, MRPC, CoLA,
+"""Downstream degradation tasks as the ENCORE / AlphaEdit papers run them (docs/algorithm.md §7): SST-2, MRPC, CoLA,
 RTE, NLI and MMLU, few-shot prompts from a pool of the first 10 items, 100 test items each, a greedy answer of a
 few tokens, weighted F1 per task and their mean.
 
@@ -113,8 +113,10 @@ def _eos_ids(model, tokenizer) -> set[int]:
 
 
 @torch.no_grad()
-def greedy_answers(model, tokenizer, prompts: Sequence[str], candidates: Sequence[int], *, max_new_tokens: int = 3,
-                   batch_size: int = 16, progress: bool = False, desc: str = "answers") -> tuple[list[str], torch.Tensor]:
+def greedy_answers(
+    model, tokenizer, prompts: Sequence[str], candidates: Sequence[int], *, max_new_tokens: int = 3,
+    batch_size: int = 16, progress: bool = False, desc: str = "answers",
+) -> tuple[list[str], torch.Tensor]:
     """Greedy continuations of ``prompts`` (as text, special tokens dropped, nothing after an end-of-sequence
     token) and the first step's logits of the ``candidates`` token ids [n, len(candidates)].
 

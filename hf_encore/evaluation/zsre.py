@@ -1,4 +1,4 @@
-"""zsRE metrics (ALGORITHM.md §7): teacher-forced token accuracy of the new answer on the question (ES) and its
+"""zsRE metrics (docs/algorithm.md §7): teacher-forced token accuracy of the new answer on the question (ES) and its
 rephrase (PS), and of the unrelated question's answer (NS)."""
 
 from __future__ import annotations

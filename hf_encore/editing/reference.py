@@ -1,23 +1,26 @@
-"""The straightforward way to compute each editing step, as the original MEMIT / AlphaEdit code does: one request at
-a time, a full forward pass (all layers, full-vocabulary logits at every position) at every optimisation step, keys
-by a full forward per layer, and one statistics pass per layer.
+"""The executable specification of the steps that read the model: each computed the straightforward way, as the
+original MEMIT / AlphaEdit code does — one request at a time, a full forward pass (all layers, full-vocabulary logits
+at every position) at every optimisation step, keys by a full forward pass per layer, one statistics pass per layer.
 
-It computes the same quantities as hf_encore's optimised steps (same loss, Adam, clamp, MPES rule, key averaging),
-so ``benchmarks/speed.py`` can swap it in with :func:`use_reference_path` and compare time and results on the same
-requests. It is a yardstick, not part of the package.
+They compute the same quantities as the optimised steps in ``targets.py``, ``keys.py`` and ``stats.py`` (same loss,
+Adam, clamp, MPES rule, key averaging; docs/algorithm.md §2–5) with none of their caching, batching or truncation,
+so they are the yardstick both for speed (``benchmarks/speed.py``) and for correctness: ``tests/test_reference_path.py``
+checks on a tiny model that both give the same z, keys and deltas. Use them through the pipeline:
+
+    model.edit(requests, steps=REFERENCE_STEPS)
+    model.base_model.compute_statistics(corpus, steps=REFERENCE_STEPS)
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-import hf_encore.model as encore_model
-from hf_encore.editing.targets import LOSS_THRESHOLD, TargetResult, TargetSettings, step_sizes
-from hf_encore.editing.tracing import ModelAccess, pad_right
+from .pipeline import EditSteps
+from .targets import LOSS_THRESHOLD, TargetResult, TargetSettings, step_sizes
+from .tracing import ModelAccess, pad_right
 
 
 def _full_logits(access: ModelAccess, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -161,17 +164,9 @@ def reference_second_moments(access: ModelAccess, chunks: list[list[int]], layer
     return {layer: s / count for layer, s in sums.items()}, count
 
 
-@contextlib.contextmanager
-def use_reference_path() -> Iterator[None]:
-    """Within the block, ``edit()`` and ``compute_statistics()`` run the reference steps."""
-    names = {"optimise_targets": reference_optimise_targets, "keys_and_outputs": reference_keys_and_outputs,
-             "key_pass_inputs": reference_key_pass_inputs,
-             "second_moments": reference_second_moments}
-    saved = {name: getattr(encore_model, name) for name in names}
-    try:
-        for name, function in names.items():
-            setattr(encore_model, name, function)
-        yield
-    finally:
-        for name, function in saved.items():
-            setattr(encore_model, name, function)
+REFERENCE_STEPS = EditSteps(
+    optimise_targets=reference_optimise_targets,
+    key_pass_inputs=reference_key_pass_inputs,
+    keys_and_outputs=reference_keys_and_outputs,
+    second_moments=reference_second_moments,
+)
