@@ -33,6 +33,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
+import torch
 from peft.config import PeftConfig
 
 
@@ -69,6 +70,11 @@ V_LR = {"absolute": 0.5, "relative": 0.3}
 # ‖W‖/‖W₀‖ of an edited layer above which edit() warns: the lifelong runs in docs/results.md stay below 1.3 with
 # ENCORE after 1,000 edits, and the runs that collapsed (plain AlphaEdit on Qwen2.5-0.5B) had passed 2.
 NORM_RATIO_WARNING = 2.0
+
+# d_k above which C₀ and S_prev are held in float32 unless moments_dtype says otherwise: in float64 the two take
+# 3.3 GB per edited layer at Llama-3-8B's 14,336 (16 GB for five layers), in float32 half that. Below it (every
+# model up to ~3B) they stay float64, which keeps resumed runs bit-identical to uninterrupted ones.
+LARGE_D_K = 8192
 
 _SWITCHES = ("mpes", "preservation_weight", "norm_weight", "nullspace_projection")
 
@@ -196,6 +202,8 @@ SETTINGS: dict[str, Setting] = {
     "stats_seq_len": _int(8),
     "max_tokens_per_forward": _int(64),
     "max_norm_ratio": _float(1, low_open=True, optional=True),
+    "moments_dtype": Setting("choice", choices=("float64", "float32"), optional=True),
+    "moments_device": Setting("choice", choices=("cpu", "layer")),
     # Set automatically (by get_encore_model, the loaders or PEFT): light type checks only.
     "target_modules": Setting("text_list", optional=True),
     "base_model_fingerprint": Setting("text", optional=True),
@@ -211,7 +219,8 @@ SETTINGS: dict[str, Setting] = {
 # The settings that decide what an edit writes, as the ledger records them per batch and the model card and
 # ``hf-encore show`` list them (the method name and the layers are shown beside them).
 ALGORITHM_SETTINGS = ("mpes", "mpes_extra_steps", "preservation_weight", "norm_weight", "nullspace_projection",
-                      "nullspace_threshold", "regularizer_scale", "map_through_post_norm", "v_lr", "v_num_grad_steps")
+                      "nullspace_threshold", "regularizer_scale", "map_through_post_norm", "v_lr", "v_num_grad_steps",
+                      "moments_dtype")
 
 RESOLVED_WHEN_BUILT = frozenset(_SWITCHES + ("nullspace_threshold", "v_lr"))
 
@@ -278,6 +287,14 @@ class EncoreConfig(PeftConfig):
         max_tokens_per_forward: token budget of one forward pass (bounds memory on long batches).
         max_norm_ratio: refuse (and roll back) a batch after which some edited layer's ‖W‖/‖W₀‖ exceeds this;
             ``None`` (default) only warns when a layer's norm ratio passes ``NORM_RATIO_WARNING``.
+        moments_dtype: dtype C₀ and S_prev (the key second moments, [d_k, d_k] per edited layer) are held in
+            between edits: ``"float64"``, ``"float32"``, or ``None`` (default): float64 up to d_k =
+            ``LARGE_D_K`` and float32 above (1.6 GB → 0.8 GB per matrix at Llama-3-8B's d_k = 14,336). The
+            solve is float64 either way; float32 rounds S_prev after each batch (effect measured in
+            docs/results.md).
+        moments_device: where they are held and each layer's update is solved: ``"cpu"`` (default: host memory)
+            or ``"layer"`` (the edited layer's execution device: a GPU's float64 solve is much faster, and C₀ and
+            S_prev then take GPU memory).
     """
 
     method: str = field(default="encore", metadata={"help": "one of 'encore', 'memit', 'alphaedit'"})
@@ -309,6 +326,8 @@ class EncoreConfig(PeftConfig):
     stats_seq_len: int = 256
     max_tokens_per_forward: int = 4096
     max_norm_ratio: Optional[float] = None
+    moments_dtype: Optional[Literal["float64", "float32"]] = None
+    moments_device: Literal["cpu", "layer"] = "cpu"
 
     target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "set automatically"})
     base_model_fingerprint: Optional[str] = field(default=None, metadata={"help": "set automatically"})
@@ -344,6 +363,11 @@ class EncoreConfig(PeftConfig):
             # P (Λ + K Kᵀ) P is zero on the directions P projects away: only the ridge ρ makes the system solvable.
             raise ValueError("nullspace_projection=True needs norm_weight > 0 (AlphaEdit's α): without it the "
                              "projected system has no solution")
+
+    def moments_storage_dtype(self, d_k: int) -> torch.dtype:
+        """The dtype C₀ and S_prev of a layer with keys of dimension ``d_k`` are held in (``moments_dtype``)."""
+        name = self.moments_dtype or ("float64" if d_k <= LARGE_D_K else "float32")
+        return getattr(torch, name)
 
     def algorithm_settings(self) -> dict[str, Any]:
         """The values of ``ALGORITHM_SETTINGS``: what the ledger, the model card and ``hf-encore show`` report."""

@@ -2,6 +2,12 @@
 
 Every delta is stored as ``[out_features, in_features]`` (W_out's own orientation, ``[d_v, d_k]``) whatever the
 base module is; GPT-2's ``Conv1D`` keeps its weight as ``[in, out]``, so merging adds the transpose there.
+
+Deltas are float32 whatever the base's dtype, on the device where their layer executes (its accelerate execution
+device when the model is dispatched or offloaded). An edit adds a small update to them each time; in bf16 (8 bits of
+mantissa) updates below 1/256 of an entry would round away, and thousands of sequential edits would drift. The
+forward pass adds x·Δᵀ computed in float32 and cast to the layer's output dtype. Merging rounds W + Δ to the base
+dtype once (the only rounding of the edit); unmerge restores the kept original weight bit for bit.
 """
 
 from __future__ import annotations
@@ -14,6 +20,9 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from .placement import execution_device, onloaded
+from .quantized import QuantizedMergeError, check_editable, float_weight, is_quantized
+
 
 def _is_transposed(base: nn.Module) -> bool:
     """True for modules that store their weight as [in, out] (transformers' ``Conv1D``)."""
@@ -21,7 +30,9 @@ def _is_transposed(base: nn.Module) -> bool:
 
 
 def base_in_out_features(base: nn.Module) -> tuple[int, int]:
+    """(d_k, d_v) of a W_out hf_encore can edit; ``TypeError`` naming the type of any other module."""
     if isinstance(base, nn.Linear):
+        check_editable(base)
         return base.in_features, base.out_features
     if _is_transposed(base):
         d_in, d_out = base.weight.shape
@@ -52,12 +63,33 @@ class EncoreLayer(BaseTunerLayer):
         """The base weight as it was before any merge (the weights the deltas were solved against)."""
         return self._original_weight if self.merged else self.get_base_layer().weight
 
+    @torch.no_grad()
+    def float_original_weight(self) -> torch.Tensor:
+        """The original W_out [d_v, d_k] in floating point (dequantised if quantised), on its execution device: a
+        copy, so it can be read while the layer is offloaded."""
+        if self.merged:
+            weight = self._original_weight
+        else:
+            with onloaded(self.get_base_layer()) as base:
+                weight = float_weight(base).clone()
+        return weight.T if self.transposed else weight
+
     def update_layer(self, adapter_name: str, inference_mode: bool = False, **kwargs) -> None:
-        weight = self.get_base_layer().weight
-        delta = torch.zeros(self.out_features, self.in_features, dtype=torch.float32, device=weight.device)
+        device = execution_device(self.get_base_layer())  # not the weight's: offloaded, that is on meta
+        delta = torch.zeros(self.out_features, self.in_features, dtype=torch.float32, device=device)
         # Deltas are computed in closed form, never by gradient descent on themselves.
         self.encore_delta[adapter_name] = nn.Parameter(delta, requires_grad=False)
         self.set_adapter(self.active_adapters, inference_mode=True)
+
+    @torch.no_grad()
+    def place_deltas(self) -> None:
+        """Put every delta on the device where the layer executes (kept as they are if already there)."""
+        device = execution_device(self.get_base_layer())
+        for name, delta in self.encore_delta.items():
+            if delta.device != device:
+                if delta.device.type == "meta":
+                    delta = torch.zeros(delta.shape, dtype=torch.float32)
+                self.encore_delta[name] = nn.Parameter(delta.to(device), requires_grad=False)
 
     def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
         super().set_adapter(adapter_names, inference_mode=True)
@@ -82,6 +114,11 @@ class Linear(nn.Module, EncoreLayer):
         if not adapter_names:
             return
         base = self.get_base_layer()
+        if is_quantized(base):
+            raise QuantizedMergeError(
+                f"Cannot merge into a quantised {type(base).__name__} weight: re-quantising W + Δ would round away "
+                "part of the edit. Serve the adapter unmerged (its delta is applied in float32 beside the "
+                "quantised weight), or load the base in floating point to merge.")
         merged = base.weight.data.clone() if self._original_weight is None else None
         new_weight = base.weight.data.clone()
         for name in adapter_names:

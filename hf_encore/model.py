@@ -83,7 +83,10 @@ class EncoreModel(BaseTuner):
         if isinstance(target, EncoreLayer):
             target.update_layer(adapter_name)
         else:
-            self._replace_module(parent, target_name, Linear(target, adapter_name), target)
+            new_module = Linear(target, adapter_name)
+            self._replace_module(parent, target_name, new_module, target)
+            # PEFT puts adapter weights on the base weight's device: ``meta`` where accelerate offloads the layer.
+            new_module.place_deltas()
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)

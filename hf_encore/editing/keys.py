@@ -83,6 +83,11 @@ def key_pass_inputs(
                          first_layer, read_at, per)
 
 
+def _rows_at(states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """states[b, positions[b]] for every row b: [B, T, d], [B] → [B, d] (on the states' device)."""
+    return states[torch.arange(len(positions), device=states.device), positions.to(states.device)]
+
+
 @torch.no_grad()
 def keys_and_outputs(
     access: ModelAccess, inputs: KeyPassInputs, key_layer: int, output_layer: int
@@ -112,10 +117,10 @@ def keys_and_outputs(
                 else contextlib.nullcontext():
             got = access.trace(inputs.ids[c], inputs.masks[c], block_outputs=block_outputs, mlp_inputs=[key_layer],
                                past=past)
-        rows, pos = torch.arange(len(chunk), device=access.device), inputs.read_at[chunk].to(access.device)
-        keys[chunk] = got[("key", key_layer)][rows, pos].double().cpu()
+        pos = inputs.read_at[chunk]
+        keys[chunk] = _rows_at(got[("key", key_layer)], pos).double().cpu()
         if inputs.raw[c]:
-            outs[chunk] = got[("block", output_layer)][rows, pos].double().cpu()
+            outs[chunk] = _rows_at(got[("block", output_layer)], pos).double().cpu()
     per = inputs.per_request
     keys = keys.view(total // per, per, -1)
     k = keys[:, 0] if per == 1 else 0.5 * keys[:, 0] + 0.5 * keys[:, 1:].mean(1)

@@ -195,10 +195,14 @@ def edit_batch(
             module = edited[layer]
             delta = module.encore_delta[adapter]
             delta.add_(update.to(delta.dtype, copy=False).to(delta.device))
-            new_moments[layer] = (prev if prev is not None else 0) + keys @ keys.T
-            base_weight = module.get_base_layer().weight
-            w0_norm = float(base_weight.double().norm())
-            w_norm = float((base_weight.double() + module.get_delta_weight(adapter).double()).norm())
+            # S_prev += K Kᵀ, summed in float64 and held as C₀ is (EncoreConfig.moments_dtype / moments_device).
+            held = stats[layer].c0
+            k = keys.to(held.device)
+            new_moments[layer] = (torch.addmm(prev.to(held.device, torch.float64), k, k.T) if prev is not None
+                                  else k @ k.T).to(held.dtype)
+            base_weight = module.float_original_weight().double()  # dequantised, onloaded: the real W₀
+            w0_norm = float(base_weight.norm())
+            w_norm = float((base_weight + delta.to(base_weight.device, torch.float64)).norm())
             layer_reports.append(LayerReport(layer, float(update.norm()), w_norm / w0_norm))
             seconds["solve"] += time.perf_counter() - tick
 

@@ -24,7 +24,7 @@ from .tracing import ModelAccess, pad_right
 
 
 def _full_logits(access: ModelAccess, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return access.lm(input_ids=ids.to(access.device), attention_mask=mask.to(access.device),
+    return access.lm(input_ids=ids.to(access.input_device), attention_mask=mask.to(access.input_device),
                      use_cache=False).logits.float()
 
 
@@ -35,9 +35,9 @@ def reference_optimise_targets(access: ModelAccess, prepared, layer: int, settin
     for req in tqdm(prepared, desc="reference z-optimisation", disable=not progress, leave=False):
         ids = [p.ids + req.target_ids[:-1] for p in req.prompts] + [req.kl_prompt.ids]
         lookup = torch.tensor([p.subject_last for p in req.prompts] + [req.kl_prompt.subject_last],
-                              device=access.device)
+                              device=access.input_device)
         batch_ids, mask = pad_right(ids, pad_id)
-        rows = torch.arange(len(ids), device=access.device)
+        rows = torch.arange(len(ids), device=access.input_device)
         captured = {}
 
         def capture(module, args, output):
@@ -119,8 +119,8 @@ def reference_keys_and_outputs(access: ModelAccess, inputs, key_layer: int,
     keys, raw_keys, outs = [], [], []
     for req in prepared:
         batch_ids, mask = pad_right([p.ids for p in req.prompts], pad_id)
-        lookup = torch.tensor([p.subject_last for p in req.prompts], device=access.device)
-        rows = torch.arange(len(req.prompts), device=access.device)
+        lookup = torch.tensor([p.subject_last for p in req.prompts], device=access.input_device)
+        rows = torch.arange(len(req.prompts), device=access.input_device)
         got = {}
         handles = [
             access.w_out(key_layer).register_forward_pre_hook(
@@ -157,7 +157,7 @@ def reference_second_moments(access: ModelAccess, chunks: list[list[int]], layer
                 _full_logits(access, ids, mask)
             finally:
                 handle.remove()
-            k = got["k"][mask.bool().to(access.device)].float()
+            k = got["k"][mask.bool().to(access.input_device)].float()
             kk = (k.T @ k).double().cpu()
             sums[layer] = kk if layer not in sums else sums[layer] + kk
             count += int(mask.sum())

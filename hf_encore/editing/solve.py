@@ -38,7 +38,7 @@ def solve_update(
     ridge: float,
     projector: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """ΔW = R Kᵀ P (P (Λ + K Kᵀ) P + ρ I)⁻¹ by a float64 Cholesky solve.
+    """ΔW = R Kᵀ P (P (Λ + K Kᵀ) P + ρ I)⁻¹ by a float64 Cholesky solve, on ``preserved``'s device.
 
     Args:
         keys: K [d_k, n].
@@ -53,15 +53,16 @@ def solve_update(
     Raises:
         torch.linalg.LinAlgError: the system is not positive definite (no regulariser covers some direction).
     """
-    k = keys.double()
-    a = preserved.double() + k @ k.T
-    rhs = residual.double() @ k.T  # [d_v, d_k]
+    device = preserved.device
+    k = keys.to(device, torch.float64)
+    a = torch.addmm(preserved.double(), k, k.T)
+    rhs = residual.to(device, torch.float64) @ k.T  # [d_v, d_k]
     if projector is not None:
         p = projector.double()
         a = p @ a @ p
         rhs = rhs @ p
     if ridge:
-        a = a + ridge * torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+        a.diagonal().add_(ridge)  # + ρ I, without a [d_k, d_k] identity
     chol = torch.linalg.cholesky(a)
     # ΔW A = rhs with A symmetric  ⇔  A ΔWᵀ = rhsᵀ.
     return torch.cholesky_solve(rhs.T, chol).T
@@ -102,7 +103,7 @@ def cached_projector(stats: LayerStatistics, threshold: float) -> torch.Tensor:
     """AlphaEdit's P for this C₀ and threshold, computed once and kept on ``stats`` (an eigendecomposition of a
     [d_k, d_k] matrix is the most expensive step of a small batch)."""
     if stats.projector is None or stats.projector_threshold != threshold:
-        stats.projector = nullspace_projector(stats.c0, threshold)
+        stats.projector = nullspace_projector(stats.c0, threshold).to(stats.c0.dtype)
         stats.projector_threshold = threshold
     return stats.projector
 
@@ -124,17 +125,19 @@ def layer_update(
         settings: the method's switches.
 
     Returns:
-        ΔW [d_v, d_k] float64.
+        ΔW [d_v, d_k] float64, on the device C₀ is held on (where the solve runs).
 
     Raises:
         torch.linalg.LinAlgError: no regulariser covers some key direction.
     """
+    c0 = stats.c0
     lam_p, ridge, threshold = absolute_regularisers(
-        stats.c0, settings.preservation_weight, settings.norm_weight, settings.nullspace_threshold, settings.relative)
+        c0, settings.preservation_weight, settings.norm_weight, settings.nullspace_threshold, settings.relative)
     projector = cached_projector(stats, threshold) if settings.nullspace_projection else None
-    preserved = lam_p * stats.c0 if lam_p else torch.zeros_like(stats.c0)
+    # Λ = λ_p C₀ + S_prev in float64, built in place: one [d_k, d_k] float64 buffer besides the stored moments.
+    preserved = c0.to(torch.float64, copy=True).mul_(lam_p)
     if prev_key_moment is not None:
-        preserved = preserved + prev_key_moment
+        preserved += prev_key_moment.to(c0.device)
     return solve_update(keys, residual, preserved, ridge, projector)
 
 

@@ -61,10 +61,16 @@ class EditState:
 class LayerStatistics:
     """C₀ of one layer as loaded for this process (derived data: recomputable from the reference)."""
 
-    c0: torch.Tensor  # [d_k, d_k] float64
+    c0: torch.Tensor  # [d_k, d_k], float64 or float32 (EncoreConfig.moments_dtype), where the layer is solved
     n_tokens: int
-    projector: torch.Tensor | None = None  # AlphaEdit's P, computed once per threshold
+    projector: torch.Tensor | None = None  # AlphaEdit's P, computed once per threshold, held as C₀ is
     projector_threshold: float | None = None
+
+    def stored_as(self, dtype: torch.dtype, device: torch.device) -> "LayerStatistics":
+        """These statistics held in ``dtype`` on ``device`` (``self`` if they already are)."""
+        if self.c0.dtype == dtype and self.c0.device == device:
+            return self
+        return LayerStatistics(self.c0.to(device=device, dtype=dtype), self.n_tokens)
 
     @property
     def key_scale(self) -> float:

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..placement import input_device
 from .tracing import ModelAccess, pad_right
 
 logger = logging.getLogger(__name__)
@@ -77,13 +78,13 @@ def generated_corpus(lm, tokenizer, n_tokens: int, seed: int = 0, batch: int = 1
     """Model-generated text, for when the user gives no corpus (sampled, seeded)."""
     logger.warning("No statistics corpus given: generating %d tokens of text with the model itself for C₀. "
                    "Pass a corpus of real text (e.g. Wikipedia) for better statistics.", n_tokens)
-    device = next(lm.parameters()).device
+    device = input_device(lm)
     starts = ["The", "In", "A", "It", "This", "When", "He", "She", "After", "According to", "One", "There"]
     texts: list[str] = []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     bar = tqdm(total=n_tokens, desc="generating text for C₀", leave=False)
     produced = 0
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):  # sampling runs on the lm_head's GPU
         torch.manual_seed(seed)
         while produced < n_tokens:
             for start in starts[: batch]:
@@ -134,9 +135,9 @@ def second_moments(
         batch = chunks[start: start + per_batch]
         ids, mask = pad_right(batch, pad_id)
         got = access.trace(ids, mask, mlp_inputs=list(layers))
-        real = mask.bool().to(access.device)
         for layer in layers:
-            k = got[("key", layer)][real].float()  # [tokens, d_k]
+            key = got[("key", layer)]  # on the device of its layer
+            k = key[mask.bool().to(key.device)].float()  # [tokens, d_k]
             kk = (k.T @ k).double().cpu()
             sums[layer] = kk if layer not in sums else sums[layer] + kk
         count += int(mask.sum())

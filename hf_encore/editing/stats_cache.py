@@ -118,6 +118,9 @@ class StatisticsCache:
                 found[layer] = self.loaded[keys[layer]] = LayerStatistics(c0, counted)
         for layer in config.layers:
             state.stats_refs[layer] = {"cache_key": keys[layer], "corpus_id": corpus_id, "n_tokens": n_tokens}
+            # Held as the config says (float32 for large d_k), once: the converted copy replaces the loaded one.
+            found[layer] = self.loaded[keys[layer]] = found[layer].stored_as(
+                config.moments_storage_dtype(d_k), access.moments_device(layer, config.moments_device))
         return found
 
     def recorded(self, state: EditState, adapter: str) -> dict[int, LayerStatistics]:

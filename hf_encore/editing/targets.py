@@ -146,7 +146,7 @@ def optimise_targets(
 ) -> TargetResult:
     """Find z_r = h_r + δ_r at block ``layer``'s output for every request (docs/algorithm.md §2–3)."""
     n = len(prepared)
-    device = access.device
+    device = access.block_device(layer)  # δ, its optimiser and the bookkeeping live beside block L
     lay = build_layout(prepared, settings.mpes_check_raw_prompt)  # index bookkeeping stays on the CPU
     per = lay.per_request
     # Each context template's prompts start with the template's tokens: those run once per template.
@@ -192,7 +192,7 @@ def optimise_targets(
             rows_d = torch.arange(len(seqs), device=device)
             hidden = suffix_hidden[torch.tensor(seqs, device=device), : batch_ids.shape[1]].index_put(
                 (rows_d, torch.zeros_like(rows_d)), delta[reqs_d[local_req.to(device)]], accumulate=True)
-            final = access.replay_suffix(layer, prefix, seqs, hidden, batch_ids, mask)  # [rows, T, d]
+            final = access.replay_suffix(layer, prefix, seqs, hidden, batch_ids, mask).to(device)  # [rows, T, d]
 
             tok = (row_of_seq[lay.tok_seq] >= 0).nonzero().squeeze(1)  # [m] target tokens of this chunk
             tok_rows = row_of_seq[lay.tok_seq[tok]]

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from ..placement import input_device
+
 TEMPLATE_STARTS = ("The", "Therefore", "Because", "I", "You")
 
 
@@ -20,8 +22,8 @@ def generate_context_templates(
     generated text so the templates contain exactly one ``{}``.
     """
     templates = ["{}"]
-    device = next(lm.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    device = input_device(lm)
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):  # sampling runs on the lm_head's GPU
         torch.manual_seed(seed)
         for i in range(count):
             start = starts[i % len(starts)]

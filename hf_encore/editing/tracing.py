@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..architectures import ModelLayout, get_blocks
+from ..placement import compute_dtype, execution_device, input_device, onloaded
 
 
 class _StopForward(Exception):
@@ -157,14 +158,27 @@ def token_log_probs(hidden: torch.Tensor, labels: torch.Tensor, unembedding: nn.
                     max_logits: int = MAX_LOGITS) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(label) [m] (float32, differentiable in ``hidden``) and the argmax token [m] at final hidden states
     ``hidden`` [m, d] (after the final norm), without holding an [m, V] tensor: rows go through the unembedding
-    in chunks of at most ``max_logits`` logits."""
-    weight = unembedding.weight
-    rows = max(1, max_logits // weight.shape[0])
-    return _TokenLogProb.apply(hidden, weight.detach(), getattr(unembedding, "bias", None), labels, softcap, rows)
+    in chunks of at most ``max_logits`` logits. Computed where the unembedding runs (an offloaded one is loaded for
+    the call) and returned on ``hidden``'s device."""
+    with onloaded(unembedding):
+        weight = unembedding.weight
+        rows = max(1, max_logits // weight.shape[0])
+        log_p, argmax = _TokenLogProb.apply(hidden.to(weight.device), weight.detach(),
+                                            getattr(unembedding, "bias", None), labels.to(weight.device), softcap,
+                                            rows)
+    return log_p.to(hidden.device), argmax.to(hidden.device)
 
 
 class ModelAccess:
-    """The pieces of a causal LM that editing reads and steers."""
+    """The pieces of a causal LM that editing reads and steers, and where each runs.
+
+    Devices and dtypes are decided here (through ``placement.py``), for models on one device and models dispatched
+    by accelerate alike: token ids and masks go to the input embeddings' device (``input_device``); a hidden state
+    fed into block l is cast to the model's dtype (``dtype``) on that block's execution device
+    (:meth:`block_device`); logits are computed where the unembedding runs and returned in float32 beside the hidden
+    states they came from. Callers keep their own float32/float64 tensors (z, keys, sums) where the block that
+    produced them runs.
+    """
 
     def __init__(self, lm: nn.Module, layout: ModelLayout) -> None:
         self.lm = lm
@@ -172,10 +186,17 @@ class ModelAccess:
         self.blocks = get_blocks(lm, layout)
         self.decoder, self.unembedding, self.softcap = lm_parts(lm)
         self.cache_kwarg = cache_kwarg(self.decoder)
+        self.dtype = compute_dtype(self.decoder)
+        self.input_device = input_device(self.decoder)
 
-    @property
-    def device(self) -> torch.device:
-        return self.unembedding.weight.device
+    def block_device(self, layer: int) -> torch.device:
+        """Where block ``layer`` executes."""
+        return execution_device(self.blocks[layer])
+
+    def moments_device(self, layer: int, where: str) -> torch.device:
+        """Where C₀ and S_prev of edited layer ``layer`` are held and its update solved (``EncoreConfig.
+        moments_device``): the host, or where the layer executes."""
+        return self.block_device(layer) if where == "layer" else torch.device("cpu")
 
     def w_out(self, layer: int) -> nn.Module:
         return self.blocks[layer].get_submodule(self.layout.mlp_out)
@@ -192,18 +213,22 @@ class ModelAccess:
         per-channel gain N(1) [d_v], all float64. Requires a layout with a post-MLP norm."""
         norm = self.post_mlp_norm(layer)
         w_out = self.w_out(layer)
-        dtype = self.unembedding.weight.dtype
-        m = w_out(keys.T.to(device=self.device, dtype=dtype))
-        ones = torch.ones(1, m.shape[1], device=self.device, dtype=dtype)
+        m = w_out(keys.T.to(device=self.block_device(layer), dtype=self.dtype))
+        ones = torch.ones(1, m.shape[1], device=m.device, dtype=m.dtype)
         return m.double().T.cpu(), norm(m).double().T.cpu(), norm(ones)[0].double().cpu()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits [..., V] from final hidden states [..., d] (after the model's final norm)."""
-        return unembed(hidden, self.unembedding.weight, getattr(self.unembedding, "bias", None), self.softcap)
+        """Float32 logits [..., V] from final hidden states [..., d] (after the model's final norm), on
+        ``hidden``'s device."""
+        with onloaded(self.unembedding) as unembedding:
+            weight = unembedding.weight
+            logits = unembed(hidden.to(weight.device), weight, getattr(unembedding, "bias", None), self.softcap)
+        return logits.to(hidden.device)
 
     def token_log_probs(self, hidden: torch.Tensor, labels: torch.Tensor,
                         max_logits: int = MAX_LOGITS) -> tuple[torch.Tensor, torch.Tensor]:
-        """:func:`token_log_probs` through this model's unembedding and logit softcap."""
+        """:func:`token_log_probs` through this model's unembedding and logit softcap, on ``hidden``'s device (and
+        differentiable in it)."""
         return token_log_probs(hidden, labels, self.unembedding, self.softcap, max_logits)
 
     def trace(
@@ -238,7 +263,8 @@ class ModelAccess:
                 handles.append(self.w_out(layer).register_forward_pre_hook(
                     lambda m, args, layer=layer: store(("key", layer), args[0])))
             with contextlib.suppress(_StopForward):
-                self.decoder(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+                self.decoder(input_ids=input_ids.to(self.input_device),
+                             attention_mask=attention_mask.to(self.input_device),
                              **self._continuation(past, input_ids.shape[1]))
         finally:
             for h in handles:
@@ -248,8 +274,15 @@ class ModelAccess:
     @contextlib.contextmanager
     def replay_from(self, layer: int, hidden: torch.Tensor) -> Iterator[None]:
         """Within the block, a forward pass skips blocks 0..``layer`` and starts from ``hidden`` [B, T, d] as the
-        output of block ``layer``: activations below the critical layer are computed once, not at every step."""
+        output of block ``layer`` (cast to the model's dtype on that block's device; differentiable): activations
+        below the critical layer are computed once, not at every step.
+
+        The skipped blocks' ``forward`` is replaced for the duration, and whatever the instance had there before
+        (accelerate's hook wrapper on a dispatched model) is put back."""
         patched = list(self.blocks[: layer + 1])
+        hidden = hidden.to(device=self.block_device(layer), dtype=self.dtype)
+        missing = object()
+        own_forward = [block.__dict__.get("forward", missing) for block in patched]
 
         def passthrough(hidden_states, *args, **kwargs):
             return hidden_states
@@ -263,15 +296,18 @@ class ModelAccess:
             patched[-1].forward = replay
             yield
         finally:
-            for block in patched:
-                block.__dict__.pop("forward", None)
+            for block, forward in zip(patched, own_forward):
+                if forward is missing:
+                    block.__dict__.pop("forward", None)
+                else:
+                    block.forward = forward
 
     def _continuation(self, past, length: int) -> dict:
         """Forward arguments for ``length`` new positions after those held in ``past`` (none: a fresh pass)."""
         if past is None:
             return {"use_cache": False}
         start = past.get_seq_length()
-        positions = torch.arange(start, start + length, device=self.device)
+        positions = torch.arange(start, start + length, device=self.input_device)
         return {"use_cache": True, self.cache_kwarg: past, "cache_position": positions,
                 "position_ids": positions.unsqueeze(0)}
 
@@ -360,17 +396,17 @@ class ModelAccess:
             # Blocks up to ``layer`` are skipped and keep only the shared positions: the past length the attention
             # mask is built from.
             with self.replay_from(layer, hidden[:, :n_max]):
-                self.decoder(input_ids=batch_ids[:, :n_max].to(self.device),
-                             attention_mask=full_mask[:, : n_shared + n_max].to(self.device),
+                self.decoder(input_ids=batch_ids[:, :n_max].to(self.input_device),
+                             attention_mask=full_mask[:, : n_shared + n_max].to(self.input_device),
                              **self._continuation(cache, n_max))
         # Every (row, t < split) of the chunk, moved to position width − split + t: one copy per layer.
         row_of = torch.arange(len(chunk)).repeat_interleave(n_of_row)
         t_of = torch.arange(int(n_of_row.sum())) - (torch.cumsum(n_of_row, 0) - n_of_row).repeat_interleave(n_of_row)
         seq_of = torch.tensor(chunk)[row_of]
         dest = width - n_of_row[row_of] + t_of
-        row_of, t_of, seq_of, dest = (t.to(self.device) for t in (row_of, t_of, seq_of, dest))
         for block in upper:
             k, v = cache.layers[block].keys, cache.layers[block].values  # [B, kv_heads, ≥ max split, head_dim]
+            row_of, t_of, seq_of, dest = (t.to(k.device) for t in (row_of, t_of, seq_of, dest))
             if block not in keys:
                 shape = (len(ids), k.shape[1], width, k.shape[3])
                 keys[block] = torch.zeros(shape, dtype=k.dtype, device=k.device)
@@ -397,22 +433,22 @@ class ModelAccess:
                              prefix.values[block][index, :, prefix.width - width:]))
             else:
                 # Blocks up to ``layer`` are skipped; the cache only has to report the right length for the mask.
-                stub = torch.zeros(rows, 1, width, 1, device=self.device)
+                stub = torch.zeros(rows, 1, width, 1, device=self.block_device(block))
                 data.append((stub, stub))
         cache = DynamicCache(ddp_cache_data=data, config=self.lm.config)
         columns = torch.arange(width)
         prefix_mask = (columns.unsqueeze(0) >= (width - before).unsqueeze(1)).long()  # real tokens right-aligned
         mask = torch.cat([prefix_mask, suffix_mask.long()], dim=1)
         position_ids = before.unsqueeze(1) + torch.arange(length).unsqueeze(0)
-        with self.replay_from(layer, hidden.to(self.device)):
-            out = self.decoder(input_ids=suffix_ids.to(self.device), attention_mask=mask.to(self.device),
-                               position_ids=position_ids.to(self.device), use_cache=True,
-                               cache_position=torch.arange(width, width + length, device=self.device),
+        with self.replay_from(layer, hidden):
+            out = self.decoder(input_ids=suffix_ids.to(self.input_device), attention_mask=mask.to(self.input_device),
+                               position_ids=position_ids.to(self.input_device), use_cache=True,
+                               cache_position=torch.arange(width, width + length, device=self.input_device),
                                **{self.cache_kwarg: cache})
         return out.last_hidden_state
 
     def final_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Final hidden states [B, T, d] (after the final norm)."""
-        out = self.decoder(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-                           use_cache=False)
+        out = self.decoder(input_ids=input_ids.to(self.input_device),
+                           attention_mask=attention_mask.to(self.input_device), use_cache=False)
         return out.last_hidden_state

@@ -9,6 +9,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..placement import input_device
 from .scoring import continuation_nll, pad_token_id
 
 
@@ -73,7 +74,7 @@ def generation_entropy(texts: Sequence[str]) -> float:
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 100, top_k: int = 5, seed: int = 0,
              batch_size: int = 16) -> list[str]:
     """Seeded top-k sampling of continuations (the generated text only)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     texts: list[str] = []
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues from the last position of every row

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from ..editing.stats import packed_chunks
 from ..editing.tracing import MAX_LOGITS, ModelAccess, chunk_by_tokens, lm_parts, pad_right, token_log_probs
 from ..layer import Linear
+from ..placement import input_device
 from .scoring import pad_token_id, score_continuations
 
 
@@ -27,7 +28,7 @@ def perplexity(model, tokenizer, texts: Sequence[str], *, n_tokens: int = 20_000
     """
     chunks = packed_chunks(tokenizer, texts, n_tokens, seq_len)
     decoder, unembedding, softcap = lm_parts(model)
-    device = unembedding.weight.device
+    device = input_device(model)
     total_nll, count = 0.0, 0
     for group in tqdm(chunk_by_tokens([len(c) for c in chunks], max_tokens), desc="perplexity",
                       disable=not progress, leave=False):

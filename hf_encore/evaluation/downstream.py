@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..editing.tracing import own_tail_shared_length
+from ..placement import input_device
 from .scoring import pad_token_id, score_continuations
 
 
@@ -130,7 +131,7 @@ def greedy_answers(
 
     ids = [list(tokenizer(p)["input_ids"]) for p in prompts]
     shared = own_tail_shared_length(ids)
-    device = next(model.parameters()).device
+    device = input_device(model)
     kwarg = cache_kwarg(model)
     pad = pad_token_id(tokenizer)
     eos = torch.tensor(sorted(_eos_ids(model, tokenizer)), device=device, dtype=torch.long)

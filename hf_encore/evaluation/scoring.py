@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from ..editing.requests import target_token_ids
 from ..editing.tracing import MAX_LOGITS, chunk_by_tokens, lm_parts, pad_right, token_log_probs
+from ..placement import input_device
 
 
 @dataclass
@@ -56,7 +57,7 @@ def score_continuations(model, tokenizer, prompts: Sequence[str], continuations:
     logprobs: list[torch.Tensor] = [None] * len(seqs)  # type: ignore[list-item]
     correct: list[torch.Tensor] = [None] * len(seqs)  # type: ignore[list-item]
     decoder, unembedding, softcap = lm_parts(model)
-    device = unembedding.weight.device
+    device = input_device(model)
     # Only the positions that predict continuation tokens go through the unembedding, a few rows at a time: on a
     # 262k vocabulary (Gemma-3) every position's logits would cost more memory and arithmetic than the decoder.
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths together: less padding
