@@ -120,17 +120,18 @@ class Linear(nn.Module, EncoreLayer):
                 "part of the edit. Serve the adapter unmerged (its delta is applied in float32 beside the "
                 "quantised weight), or load the base in floating point to merge.")
         merged = base.weight.data.clone() if self._original_weight is None else None
-        new_weight = base.weight.data.clone()
+        # W + ΣΔ in float32 (float64 for a float64 base), rounded to the base's dtype once.
+        new_weight = base.weight.data.to(torch.promote_types(base.weight.dtype, torch.float32), copy=True)
         for name in adapter_names:
             if name not in self.encore_delta:
                 continue
-            new_weight += self.get_delta_weight(name).to(new_weight.dtype)
+            new_weight += self.get_delta_weight(name).to(new_weight.device, new_weight.dtype)
             if safe_merge and not torch.isfinite(new_weight).all():
                 raise ValueError(f"NaNs detected in the merged weights of adapter {name!r}")
             self.merged_adapters.append(name)
         if merged is not None:
             self._original_weight = merged
-        base.weight.data.copy_(new_weight)
+        base.weight.data.copy_(new_weight)  # copy_ rounds to the weight's dtype
 
     def unmerge(self) -> None:
         if not self.merged:

@@ -19,10 +19,10 @@ from .editing.pipeline import FAST_STEPS, EditSteps, edit_batch
 from .editing.report import EditReport
 from .editing.requests import EditRequest, parse_requests, prepare_requests
 from .editing.state import EditState, LayerStatistics
-from .editing.stats import Corpus, model_fingerprint
+from .editing.stats import Corpus
 from .editing.stats_cache import StatisticsCache
 from .editing.tracing import ModelAccess
-from .fingerprint import record_or_check_base
+from .fingerprint import combined_fingerprint, measure_base, record_or_check_base
 from .layer import EncoreLayer, Linear, base_in_out_features
 from .loading import cache_dir
 
@@ -68,15 +68,17 @@ class EncoreModel(BaseTuner):
         self.__dict__.setdefault("edit_states", {})
         self.__dict__.setdefault("tokenizer", None)
         self.__dict__.setdefault("stats_corpus", None)
-        if "statistics" not in self.__dict__:
-            # Keyed by the whole base model's weights: C₀ of one model is never used for another.
-            self.__dict__["statistics"] = StatisticsCache(model_fingerprint(model), cache_dir() / "stats")
         layout = resolve_layout(model, config.block_path, config.mlp_out)
         config.layers = layers_for(model, layout, config.layers)
+        # A loaded adapter's base was measured before PEFT touched the model (peft_model.check_adapter).
+        measured = getattr(config, "_measured_base", None) or measure_base(model, layout, config.layers)
+        if "statistics" not in self.__dict__:
+            # Keyed by the whole base model's weights: C₀ of one model is never used for another.
+            self.__dict__["statistics"] = StatisticsCache(combined_fingerprint(measured[1]), cache_dir() / "stats")
         config.target_modules = target_module_regex(layout, config.layers)
         if config.gguf_file is None:
             config.gguf_file = getattr(model, "gguf_file", None)
-        record_or_check_base(model, layout, config, adapter_name)
+        record_or_check_base(config, adapter_name, measured)
         self.edit_states[adapter_name] = EditState()
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):

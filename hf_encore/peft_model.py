@@ -19,11 +19,13 @@ import torch
 from peft import PeftModelForCausalLM
 from safetensors import safe_open
 
+from .architectures import resolve_layout
 from .card import write_model_card
 from .config import EncoreConfig
 from .editing.report import EditReport
 from .editing.requests import EditRequest
 from .editing.state import EditState, LayerStatistics
+from .fingerprint import measure_base
 from .hub import push_to_hub
 from .model import edited_layer_shapes
 from .save_transaction import recover_interrupted_save, save_transaction
@@ -118,6 +120,10 @@ def check_adapter(directory: Path, model: torch.nn.Module, ignore_base_mismatch:
     state, statistics = read_edit_state(directory, meta) if meta is not None else (None, {})
     if state is not None:
         check_state_fits(state, statistics, {layer: d_k for layer, (_, d_k) in shapes.items()}, directory)
+    # Fingerprinted now, while accelerate's hooks can still read offloaded weights: PEFT removes them from a model
+    # with CPU or disk offload before it injects the adapter, and dispatches it again after.
+    config._measured_base = measure_base(model, resolve_layout(model, config.block_path, config.mlp_out),
+                                         config.layers)
     return CheckedAdapter(directory, config, meta, state, statistics)
 
 
@@ -140,7 +146,7 @@ class EncorePeftModel(PeftModelForCausalLM):
         delta_dtype: str | torch.dtype | None = None,
         save_editing_state: bool = True,
         save_statistics: bool = False,
-        memory_dtype: str | torch.dtype = "float64",
+        memory_dtype: str | torch.dtype | None = None,
         metrics: dict[str, Any] | None = None,
         is_main_process: bool = True,
         **kwargs: Any,
@@ -154,7 +160,8 @@ class EncorePeftModel(PeftModelForCausalLM):
             save_editing_state: also write the previous-edit memory, templates and ledger needed to continue editing.
             save_statistics: embed C₀ of each edited layer, so the adapter can be edited further on a machine
                 without the statistics cache or corpus.
-            memory_dtype: dtype of the stored previous-edit memory; ``"float64"`` keeps resume exact.
+            memory_dtype: dtype of the stored previous-edit memory; ``None`` (default): as held in memory (float64
+                up to d_k = 8,192, else float32: ``EncoreConfig.moments_dtype``), which keeps resume exact.
             metrics: figures to show in the model card (e.g. ``{"efficacy": 0.98}``).
         """
         if not is_main_process:
@@ -188,7 +195,10 @@ class EncorePeftModel(PeftModelForCausalLM):
         is_trainable: bool = False,
         **kwargs: Any,
     ):
-        """PEFT's ``load_adapter``, after checking the files, plus the editing state when the adapter has one."""
+        """Attach a saved adapter as ``adapter_name``: its files are checked, its deltas loaded (as PEFT's
+        ``load_adapter`` would, but leaving a model dispatched by accelerate as it is: PEFT removes the hooks of a
+        model with CPU or disk offload and dispatches it again, which needs a GPU), and its editing state kept when
+        it has one. ``kwargs``: ``revision``, ``subfolder``, ``token``, ``cache_dir`` for an adapter on the Hub."""
         if is_trainable:
             raise ValueError("Encore deltas are written in closed form by edit(), not trained; load with "
                              "is_trainable=False")
@@ -202,8 +212,10 @@ class EncorePeftModel(PeftModelForCausalLM):
             config = checked.config
             config.inference_mode = True
             self.add_adapter(adapter_name, config)
+        if kwargs:
+            raise TypeError(f"load_adapter got unexpected arguments {sorted(kwargs)}")
         try:
-            result = super().load_adapter(str(checked.directory), adapter_name, is_trainable=False, **kwargs)
+            result = self._load_deltas(checked, adapter_name)
         except BaseException:
             if added:  # leave the model as it was
                 self.delete_adapter(adapter_name)
@@ -216,6 +228,20 @@ class EncorePeftModel(PeftModelForCausalLM):
         else:
             logger.warning("%s has no editing state (saved by plain PEFT or with save_editing_state=False): its "
                            "edits apply, but further edits need start_new_memory=True", checked.directory)
+        return result
+
+    def _load_deltas(self, checked: CheckedAdapter, adapter_name: str):
+        """Copy the checked adapter's deltas into ``adapter_name``'s (each stays float32 where its layer runs)."""
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        weights = checked.directory / ADAPTER_WEIGHTS
+        result = set_peft_model_state_dict(self, load_file(str(weights)), adapter_name=adapter_name)
+        missing = [k for k in result.missing_keys if ".encore_delta." in k and k.endswith(f".{adapter_name}")]
+        if missing or result.unexpected_keys:
+            raise AdapterFileError(f"{weights}: its deltas do not match the model's edited layers (missing "
+                                   f"{missing[:2]}, unexpected {list(result.unexpected_keys)[:2]})")
+        self.eval()
         return result
 
     def push_to_hub(self, repo_id: str, **kwargs: Any):
@@ -250,7 +276,8 @@ def from_pretrained(
         model, loaded_tokenizer = load_model(config.base_model_name_or_path, gguf_file=config.gguf_file)
         tokenizer = tokenizer or loaded_tokenizer
     checked = check_adapter(directory, model, ignore_base_mismatch)  # before the model is touched
-    peft_model = EncorePeftModel.from_pretrained(model, str(directory), adapter_name=adapter_name,
-                                                 config=checked.config, _encore_checked=checked, **kwargs)
+    checked.config.inference_mode = True
+    peft_model = EncorePeftModel(model, checked.config, adapter_name)
+    peft_model.load_adapter(directory, adapter_name, _encore_checked=checked, **kwargs)
     peft_model.base_model.set_editing_inputs(tokenizer, corpus)
     return peft_model

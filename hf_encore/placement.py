@@ -57,6 +57,16 @@ def onloaded(module: nn.Module) -> Iterator[nn.Module]:
         yield module
 
 
+def offloaded_value(module: nn.Module, name: str, placeholder: torch.Tensor) -> torch.Tensor:
+    """The value of ``module``'s own parameter or buffer ``name`` that accelerate offloaded (``placeholder`` is the
+    ``meta`` tensor on the module), read from its hook's weights map (CPU memory or disk); ``placeholder`` itself if
+    there is none."""
+    weights_map = getattr(_hook(module), "weights_map", None)
+    if weights_map is None or name not in weights_map:
+        return placeholder
+    return weights_map[name]
+
+
 def compute_dtype(model: nn.Module) -> torch.dtype:
     """The dtype the model's hidden states travel in: that of its input embeddings (quantised models keep them in
     floating point)."""

@@ -64,15 +64,17 @@ def write_edit_state(
     state: EditState,
     directory: Path,
     *,
-    memory_dtype: torch.dtype = torch.float64,
+    memory_dtype: torch.dtype | None = None,
     statistics: dict[int, LayerStatistics] | None = None,
 ) -> None:
     """Write ``encore_state.safetensors``, ``encore_ledger.jsonl`` and ``encore_state.json`` into ``directory`` (their
-    checksums go into the save's manifest, written when the save commits)."""
-    tensors = {f"prev_key_moments.{layer}": m.to(memory_dtype).contiguous() for layer, m in
-               state.prev_key_moments.items()}
+    checksums go into the save's manifest, written when the save commits). ``memory_dtype``: the dtype S_prev is
+    written in (``None``: as held, so that a resumed run continues exactly)."""
+    tensors = {f"prev_key_moments.{layer}": (m if memory_dtype is None else m.to(memory_dtype)).cpu().contiguous()
+               for layer, m in state.prev_key_moments.items()}
+    written_dtype = next(iter(tensors.values())).dtype if tensors else (memory_dtype or torch.float64)
     for layer, stats in (statistics or {}).items():
-        tensors[f"c0.{layer}"] = stats.c0.float().contiguous()
+        tensors[f"c0.{layer}"] = stats.c0.float().cpu().contiguous()
     save_file(tensors, str(directory / STATE_TENSORS), metadata={"format": "hf_encore", "version": str(FORMAT_VERSION)})
     write_jsonl(directory / LEDGER, state.ledger)
     meta = {
@@ -82,7 +84,7 @@ def write_edit_state(
         "num_batches": state.num_batches,
         "stats_refs": {str(layer): ref for layer, ref in state.stats_refs.items()},
         "statistics_n_tokens": {str(layer): s.n_tokens for layer, s in (statistics or {}).items()},
-        "prev_key_moments_dtype": str(memory_dtype).removeprefix("torch."),
+        "prev_key_moments_dtype": str(written_dtype).removeprefix("torch."),
     }
     (directory / STATE_JSON).write_text(json.dumps(meta, indent=1, ensure_ascii=False), encoding="utf-8")
 
@@ -261,7 +263,9 @@ def read_edit_state(directory: Path, meta: dict) -> tuple[EditState, dict[int, L
         _require(value.is_floating_point() and value.ndim == 2 and value.shape[0] == value.shape[1], tensors_path,
                  f"{key} must be a square floating matrix, got {tuple(value.shape)} {value.dtype}")
         _require(bool(torch.isfinite(value).all()), tensors_path, f"{key} holds NaN or infinite values")
-        (moments if kind == "prev_key_moments" else c0s)[int(layer)] = value.double()
+        # Kept in the float32 or float64 they were written in (held so until an edit converts them); C₀ is float32.
+        (moments if kind == "prev_key_moments" else c0s)[int(layer)] = \
+            value if value.dtype in (torch.float32, torch.float64) else value.float()
     stats_refs = {int(k): v for k, v in meta.get("stats_refs", {}).items()}
     unreferenced = sorted(set(c0s) - set(stats_refs))
     _require(not unreferenced, tensors_path, f"C₀ of layers {unreferenced} has no statistics reference in {STATE_JSON}")

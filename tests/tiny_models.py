@@ -98,6 +98,27 @@ def tiny_llama(seed: int = 0, vocab_size: int = TINY_VOCAB, num_layers: int = 4)
     return LlamaForCausalLM(config).eval()
 
 
+def tiny_family(model_type: str, seed: int = 0, vocab_size: int = TINY_VOCAB):
+    """A tiny random model of a family in the layout table (``"llama"``, ``"qwen2"``, ``"gemma3_text"``: an RMS norm
+    after the MLP, ``"gpt2"``: a transposed ``Conv1D`` W_out), four layers, seeded, MLP width ``TINY_D_K``."""
+    import transformers as tf
+
+    width = dict(vocab_size=vocab_size, max_position_embeddings=512, initializer_range=0.2)
+    llama_like = dict(hidden_size=32, intermediate_size=TINY_D_K, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, **width)
+    configs = {
+        "llama": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**llama_like)),
+        "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**llama_like)),
+        "gemma3_text": lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**{**llama_like, "head_dim": 8,
+                                                                          "sliding_window": 128})),
+        "gpt2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=vocab_size, n_positions=512, n_embd=32,
+                                                         n_inner=TINY_D_K, n_layer=4, n_head=4,
+                                                         initializer_range=0.2)),
+    }
+    torch.manual_seed(seed)
+    return configs[model_type]().eval()
+
+
 def save_tiny_model(directory: Path, seed: int = 0, num_layers: int = 4) -> Path:
     """``tiny_llama(seed)`` and the tiny tokenizer saved as a model directory (what ``load_model`` and the CLI's
     ``--model`` read), with ``corpus.txt``: :data:`TINY_CORPUS`, one line each."""

@@ -162,7 +162,7 @@ def load_cached(path: Path, expect: dict[str, str]) -> torch.Tensor | None:
     if any(meta.get(k) != v for k, v in expect.items()):
         logger.warning("Ignoring statistics file %s: it was made for %s", path, meta)
         return None
-    return load_file(str(path))["c0"].double()
+    return load_file(str(path))["c0"]  # float32, as written; held as the adapter's config says
 
 
 def save_cached(path: Path, c0: torch.Tensor, metadata: dict[str, str]) -> None:
@@ -176,28 +176,3 @@ def save_cached(path: Path, c0: torch.Tensor, metadata: dict[str, str]) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-def tensors_fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]], samples: int | None = None) -> str:
-    """A hash of named tensors: names, shapes, dtypes and bytes (shared storage counted once).
-
-    ``samples``: hash only that many evenly spaced elements of each tensor (bounded time on large models).
-    """
-    digest = hashlib.blake2b(digest_size=16)
-    seen: set[int] = set()
-    for name, tensor in named_tensors:
-        if tensor.data_ptr() in seen or tensor.device.type == "meta":
-            continue
-        seen.add(tensor.data_ptr())
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        t = tensor.detach().reshape(-1)  # 0-dim buffers (Gemma's embedding scale) too
-        if samples is not None and t.numel() > samples:
-            t = t[torch.arange(samples, device=t.device) * (t.numel() - 1) // (samples - 1)]  # exact in int64
-        t = t.contiguous().cpu()
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """A hash of every parameter and buffer of the (unedited) model: C₀ of a layer depends on all layers below."""
-    return tensors_fingerprint(list(model.named_parameters()) + list(model.named_buffers()))
