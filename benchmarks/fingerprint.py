@@ -16,8 +16,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_encore.architectures import resolve_layout
-from hf_encore.editing.stats import model_fingerprint
-from hf_encore.fingerprint import PARTS_FINGERPRINT_SAMPLES, parts_fingerprint
+from hf_encore.fingerprint import PARTS_FINGERPRINT_SAMPLES, parts_fingerprint, tensors_fingerprint
 from hf_encore.loading import ensure_builtin, load_model
 
 from common import machine, write_json
@@ -38,7 +37,8 @@ def measure(model, repeats: int) -> dict:
     layout = resolve_layout(model, None, None)
     return {"parameters": sum(p.numel() for p in model.parameters()),
             "sampled_s": seconds(lambda: parts_fingerprint(model, layout), repeats),
-            "full_s": seconds(lambda: model_fingerprint(model), repeats)}
+            "full_s": seconds(lambda: tensors_fingerprint(list(model.named_parameters())
+                                                          + list(model.named_buffers())), repeats)}
 
 
 def main() -> None:
