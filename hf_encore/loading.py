@@ -196,9 +196,19 @@ def load_model(
     gguf_file: str | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
+    **from_pretrained_kwargs,
 ):
-    """Load ``(model, tokenizer)`` from a built-in name, a directory, a ``.gguf`` file or a Hub id."""
+    """Load ``(model, tokenizer)`` from a built-in name, a directory, a ``.gguf`` file or a Hub id.
+
+    ``dtype``: the weights' dtype (float32, bfloat16 or float16; all edit). ``device``: move the model there.
+    ``from_pretrained_kwargs`` go to transformers' ``from_pretrained``: ``device_map`` (with ``max_memory``,
+    ``offload_folder``) to dispatch the model with accelerate over devices, CPU and disk, instead of ``device``;
+    ``quantization_config`` (bitsandbytes 8-bit or 4-bit); ``revision``, ``token``.
+    """
     from transformers import AutoModelForCausalLM
+
+    if device is not None and from_pretrained_kwargs.get("device_map") is not None:
+        raise ValueError("pass device or device_map, not both")
 
     source = str(name_or_path)
     builtin = resolve_builtin(source)
@@ -207,7 +217,7 @@ def load_model(
     elif gguf_file is None and source.endswith(".gguf") and Path(source).is_file():
         source, gguf_file = str(Path(source).parent), Path(source).name
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs, **from_pretrained_kwargs)
     tokenizer = load_tokenizer(source, gguf_file=gguf_file)
     if gguf_file:
         # Adapters record it, so that loaders can pass gguf_file= again.

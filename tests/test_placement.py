@@ -5,12 +5,15 @@ read). Tiny random models; what is checked is that the edit is the one a float32
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 from torch import nn
 
+import hf_encore
 from hf_encore import EncoreConfig, get_encore_model
+from hf_encore.apps.cli import main
 from hf_encore.architectures import resolve_layout
 from hf_encore.editing.tracing import ModelAccess
 from hf_encore.fingerprint import base_parameters
@@ -164,8 +167,6 @@ def test_adapter_made_on_one_device_attaches_to_the_dispatched_model(tiny_dir, d
     not, are the same base (and share the statistics cache)."""
     from transformers import AutoModelForCausalLM
 
-    import hf_encore
-
     plain, _ = edited(AutoModelForCausalLM.from_pretrained(tiny_dir), stats_cache)
     plain.save_pretrained(tmp_path / "adapter")
     loaded = hf_encore.from_pretrained(dispatched(), tmp_path / "adapter", tokenizer=tiny_tokenizer())
@@ -250,3 +251,20 @@ def test_a_copy_of_a_dispatched_model_keeps_its_hooks_private(dispatched):
     """Sanity for the hooks test above: ``hooked`` sees accelerate's wrappers and not a plain model's."""
     assert hooked(copy.deepcopy(tiny_family("llama"))) == set()
     assert "model.layers.1.mlp.down_proj" in hooked(dispatched())
+
+
+def test_command_line_edits_a_bf16_model_dispatched_with_offload(tiny_dir, tmp_path, stats_cache):
+    """``hf-encore edit --precision bfloat16 --device-map auto --offload-folder …``: the model is loaded in bf16 and
+    dispatched by accelerate (with no accelerator here, "auto" places it on the CPU), and the adapter it writes holds
+    float32 deltas that load onto the plain model."""
+    from transformers import AutoModelForCausalLM
+
+    (tmp_path / "facts.json").write_text(json.dumps(REQUESTS))
+    out = tmp_path / "edits"
+    assert main(["edit", str(tmp_path / "facts.json"), "--model", str(tiny_dir), "--out", str(out), "--quiet",
+                 "--corpus", str(tiny_dir / "corpus.txt"), "--precision", "bfloat16", "--device-map", "auto",
+                 "--offload-folder", str(tmp_path / "off"), "--set", "stats_n_tokens=2000"]) == 0
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16)
+    loaded = hf_encore.from_pretrained(base, out, tokenizer=tiny_tokenizer())
+    assert all(d.dtype == torch.float32 and d.any() for d in deltas(loaded).values())
+    assert main(["show", str(out)]) == 0

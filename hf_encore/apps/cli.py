@@ -69,15 +69,21 @@ def _corpus(args) -> str | Path | None:
 def _load(args, *, adapter: str | None = None, corpus: str | Path | None = None):
     """(model, tokenizer): the base model, with the adapter attached if one is given (``corpus``: its statistics
     text, needed only to edit further)."""
+    import torch
+
     from .. import from_pretrained
     from ..loading import load_model
+    from ..peft_model import read_config, resolve_adapter_dir
 
-    if adapter is not None and args.model is None:
-        model = from_pretrained(None, adapter, corpus=corpus, ignore_base_mismatch=args.ignore_base_mismatch)
-        if args.device:
-            model.to(args.device)
-        return model, model.base_model.tokenizer
-    base, tokenizer = load_model(args.model or "smollm2-135m", gguf_file=args.gguf_file, device=args.device)
+    name, gguf_file = args.model, args.gguf_file
+    if adapter is not None and name is None:
+        recorded = read_config(resolve_adapter_dir(adapter), args.ignore_base_mismatch)
+        if not recorded.base_model_name_or_path:
+            raise UsageError(f"{adapter} does not name its base model: pass --model")
+        name, gguf_file = recorded.base_model_name_or_path, recorded.gguf_file
+    placement = {"device_map": args.device_map, "offload_folder": args.offload_folder} if args.device_map else {}
+    base, tokenizer = load_model(name or "smollm2-135m", gguf_file=gguf_file, device=args.device,
+                                 dtype=getattr(torch, args.precision), **placement)
     if adapter is None:
         return base, tokenizer
     model = from_pretrained(base, adapter, tokenizer=tokenizer, corpus=corpus,
@@ -91,6 +97,11 @@ def _add_model_args(parser: argparse.ArgumentParser, adapter_flag: bool = True) 
                              "a Hub id; default: the adapter's recorded base, else smollm2-135m")
     parser.add_argument("--gguf-file", default=None, help="GGUF file inside --model (a directory or Hub id)")
     parser.add_argument("--device", default=None, help="where to run, e.g. cuda (default: the CPU)")
+    parser.add_argument("--precision", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="dtype the base model's weights are loaded in (default float32)")
+    parser.add_argument("--device-map", default=None,
+                        help="dispatch the model with accelerate instead of --device: auto, balanced, sequential")
+    parser.add_argument("--offload-folder", default=None, help="where --device-map may offload weights to disk")
     if adapter_flag:
         parser.add_argument("--adapter", default=None, help="adapter directory or Hub id")
     parser.add_argument("--ignore-base-mismatch", action="store_true",
