@@ -1,7 +1,7 @@
-"""Time of the base-model check an adapter makes when it is attached: the sampled per-part fingerprint
-(hf_encore.fingerprint.parts_fingerprint) against a full hash of every weight
-(hf_encore.editing.stats.model_fingerprint), on the built-in model and on one decoder block shaped like Llama-3-8B's
-(bf16), scaled to its 32 blocks. Prints figures, writes JSON.
+"""Time of the base-model fingerprint computed when an adapter is attached (it checks the base and keys the statistics
+cache): the sampled per-part fingerprint (hf_encore.fingerprint.parts_fingerprint) against a full hash of every
+weight (what the statistics cache used to be keyed by), on the built-in model and on one decoder block shaped like
+Llama-3-8B's (bf16), scaled to its 32 blocks. Prints figures, writes JSON.
 
     python benchmarks/fingerprint.py --out docs/results/fingerprint.json
 """

@@ -162,6 +162,25 @@ def test_dispatched_and_offloaded_model_edits_like_the_undispatched_one(tiny_dir
             assert torch.equal(peft(input_ids=ids).logits, base_logits)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text", "gpt2"])
+@pytest.mark.parametrize("offload", ["disk", "cpu"])
+def test_every_family_fully_offloaded_edits_exactly_like_the_plain_model(family, offload, tmp_path, stats_cache):
+    """accelerate's disk_offload / cpu_offload: every weight of the model is on ``meta`` between calls, loaded by
+    its module's hook for each forward pass (tied unembeddings, Conv1D and post-MLP norms included)."""
+    from accelerate import cpu_offload, disk_offload
+
+    plain, _ = edited(tiny_family(family), stats_cache)
+    model = tiny_family(family)
+    if offload == "disk":
+        disk_offload(model, tmp_path / "off", execution_device="cpu")
+    else:
+        cpu_offload(model, execution_device="cpu")
+    hooks = hooked(model)
+    offloaded, _ = edited(model, stats_cache)
+    assert hooked(offloaded) == hooks
+    assert relative_difference(deltas(offloaded), deltas(plain)) < 1e-6
+
+
 def test_adapter_made_on_one_device_attaches_to_the_dispatched_model(tiny_dir, dispatched, stats_cache, tmp_path):
     """The base fingerprint reads offloaded tensors from accelerate's weights map: the same weights, dispatched or
     not, are the same base (and share the statistics cache)."""
