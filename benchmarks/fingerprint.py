@@ -16,7 +16,12 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_encore.architectures import resolve_layout
-from hf_encore.fingerprint import PARTS_FINGERPRINT_SAMPLES, parts_fingerprint, tensors_fingerprint
+from hf_encore.fingerprint import (
+    PARTS_FINGERPRINT_SAMPLES,
+    edited_weights_fingerprint,
+    parts_fingerprint,
+    tensors_fingerprint,
+)
 from hf_encore.loading import ensure_builtin, load_model
 
 from common import machine, write_json
@@ -37,6 +42,8 @@ def measure(model, repeats: int) -> dict:
     layout = resolve_layout(model, None, None)
     return {"parameters": sum(p.numel() for p in model.parameters()),
             "sampled_s": seconds(lambda: parts_fingerprint(model, layout), repeats),
+            # What attaching hashes in full besides the sample: W_out of one edited layer.
+            "one_w_out_full_s": seconds(lambda: edited_weights_fingerprint(model, layout, [0]), repeats),
             "full_s": seconds(lambda: tensors_fingerprint(list(model.named_parameters())
                                                           + list(model.named_buffers())), repeats)}
 
@@ -54,7 +61,9 @@ def main() -> None:
                         num_attention_heads=32, num_key_value_heads=8)
     one = measure(LlamaForCausalLM(block).to(torch.bfloat16), args.repeats)
     results["llama3-8b-block-bf16"] = {**one, "x32_blocks_sampled_s": 32 * one["sampled_s"],
-                                        "x32_blocks_full_s": 32 * one["full_s"]}
+                                        "x32_blocks_full_s": 32 * one["full_s"],
+                                        # attaching an adapter on five edited layers of the full model
+                                        "attach_estimate_s": 32 * one["sampled_s"] + 5 * one["one_w_out_full_s"]}
     print(write_json(args.out, results, indent=1) if args.out else json.dumps(results, indent=1))
 
 

@@ -83,13 +83,20 @@ class EncoreLayer(BaseTunerLayer):
 
     @torch.no_grad()
     def place_deltas(self) -> None:
-        """Put every delta on the device where the layer executes (kept as they are if already there)."""
+        """Put every delta in float32 on the device where the layer executes (kept as they are if already there).
+
+        ``model.to(torch.bfloat16)`` or ``.half()`` casts them with the rest of the model: they are brought back to
+        float32 (what was rounded away by the cast stays lost, hence the warning)."""
         device = execution_device(self.get_base_layer())
         for name, delta in self.encore_delta.items():
-            if delta.device != device:
-                if delta.device.type == "meta":
-                    delta = torch.zeros(delta.shape, dtype=torch.float32)
-                self.encore_delta[name] = nn.Parameter(delta.to(device), requires_grad=False)
+            if delta.device == device and delta.dtype == torch.float32:
+                continue
+            if delta.device.type == "meta":
+                delta = torch.zeros(delta.shape, dtype=torch.float32)
+            elif delta.dtype != torch.float32:
+                warnings.warn(f"The delta of adapter {name!r} was cast to {delta.dtype} (by model.to() or .half()); "
+                              "it is kept in float32 again for editing, but the cast has rounded it", stacklevel=3)
+            self.encore_delta[name] = nn.Parameter(delta.to(device, torch.float32), requires_grad=False)
 
     def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
         super().set_adapter(adapter_names, inference_mode=True)

@@ -143,6 +143,7 @@ class EncoreModel(BaseTuner):
                 raise RuntimeError("The adapter is merged into the weights: call unmerge_adapter() before editing")
             if module.disable_adapters:
                 raise RuntimeError("Adapters are disabled: edit outside the disable_adapter() context")
+            module.place_deltas()  # float32 where the layer runs, even after model.to(dtype or device)
             modules[layer] = module
         return modules
 

@@ -287,3 +287,15 @@ def test_command_line_edits_a_bf16_model_dispatched_with_offload(tiny_dir, tmp_p
     loaded = hf_encore.from_pretrained(base, out, tokenizer=tiny_tokenizer())
     assert all(d.dtype == torch.float32 and d.any() for d in deltas(loaded).values())
     assert main(["show", str(out)]) == 0
+
+
+def test_a_model_cast_to_bf16_after_attaching_edits_into_float32_deltas(stats_cache):
+    """``model.to(torch.bfloat16)`` casts the deltas with everything else; the next edit brings them back to
+    float32 (warning that the cast rounded them) instead of accumulating updates in bf16."""
+    peft, _ = edited(tiny_family("llama"), stats_cache)
+    peft.to(torch.bfloat16)
+    assert all(d.dtype == torch.bfloat16 for d in deltas(peft).values())
+    with pytest.warns(UserWarning, match="cast to torch.bfloat16"):
+        peft.edit([{"prompt": "{} was developed by", "subject": "Windows 95", "target_new": "Apple"}],
+                  progress=False)
+    assert all(d.dtype == torch.float32 for d in deltas(peft).values())
