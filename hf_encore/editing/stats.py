@@ -139,11 +139,14 @@ def second_moments(
             key = got[("key", layer)]  # on the device of its layer
             k = key[mask.bool().to(key.device)].float()  # [tokens, d_k]
             kk = (k.T @ k).double().cpu()
-            sums[layer] = kk if layer not in sums else sums[layer] + kk
+            if layer in sums:
+                sums[layer].add_(kk)  # in place: at d_k = 14,336 each sum is 1.6 GB
+            else:
+                sums[layer] = kk
         count += int(mask.sum())
         bar.update(int(mask.sum()))
     bar.close()
-    return {layer: s / count for layer, s in sums.items()}, count
+    return {layer: s.div_(count) for layer, s in sums.items()}, count
 
 
 def stats_cache_key(model_fingerprint: str, layer: int, module: str, corpus_id: str, n_tokens: int,

@@ -111,8 +111,9 @@ class StatisticsCache:
                 moments, counted = second_moments(access, chunks, missing, tokenizer.pad_token_id,
                                                   config.max_tokens_per_forward, progress)
             for layer in missing:
-                # Rounded to the float32 the cache stores, so a resumed run sees exactly the same C₀.
-                c0 = moments[layer].float().double()
+                # Rounded to the float32 the cache stores, so a resumed run sees exactly the same C₀ (and the
+                # float64 sum is freed before the next layer's is rounded).
+                c0 = moments.pop(layer).float()
                 save_cached(self.path(keys[layer]), c0,
                             {**meta, "layer": str(layer), "n_tokens": str(counted), "corpus": texts.description})
                 found[layer] = self.loaded[keys[layer]] = LayerStatistics(c0, counted)
