@@ -48,8 +48,11 @@ def test_memit_and_encore_match_least_squares(problem, lam_p, lam_n):
         [k, lam_p**0.5 * chol, k_prev, lam_n**0.5 * torch.eye(D_K, dtype=torch.float64)],
         [r, torch.zeros(D_V, D_K), torch.zeros(D_V, N_PREV), torch.zeros(D_V, D_K)],
     )
-    got = solve_update(k, r, lam_p * c0 + k_prev @ k_prev.T, lam_n)
+    preserved = lam_p * c0 + k_prev @ k_prev.T
+    got = solve_update(k, r, preserved, lam_n)
     torch.testing.assert_close(got, expected.double(), rtol=1e-8, atol=1e-9)
+    # Built in the caller's buffer (what layer_update does to spare a [d_k, d_k] float64 copy): the same update.
+    assert torch.equal(solve_update(k, r, preserved.clone(), lam_n, overwrite_preserved=True), got)
 
 
 def test_norm_constraint_shrinks_the_update(problem):

@@ -37,6 +37,8 @@ def solve_update(
     preserved: torch.Tensor,
     ridge: float,
     projector: torch.Tensor | None = None,
+    *,
+    overwrite_preserved: bool = False,
 ) -> torch.Tensor:
     """ΔW = R Kᵀ P (P (Λ + K Kᵀ) P + ρ I)⁻¹ by a float64 Cholesky solve, on ``preserved``'s device.
 
@@ -46,6 +48,8 @@ def solve_update(
         preserved: Λ = λ_p C₀ + S_prev [d_k, d_k] (symmetric positive semi-definite).
         ridge: ρ ≥ 0 (λ_n, or AlphaEdit's α).
         projector: P [d_k, d_k] or ``None`` for the identity.
+        overwrite_preserved: build the system matrix in ``preserved``'s memory (a float64 tensor the caller
+            no longer needs): one [d_k, d_k] float64 buffer less (1.6 GB at d_k = 14,336).
 
     Returns:
         ΔW [d_v, d_k] float64.
@@ -55,7 +59,7 @@ def solve_update(
     """
     device = preserved.device
     k = keys.to(device, torch.float64)
-    a = torch.addmm(preserved.double(), k, k.T)
+    a = preserved.addmm_(k, k.T) if overwrite_preserved else torch.addmm(preserved.double(), k, k.T)
     rhs = residual.to(device, torch.float64) @ k.T  # [d_v, d_k]
     if projector is not None:
         p = projector.double()
@@ -138,7 +142,7 @@ def layer_update(
     preserved = c0.to(torch.float64, copy=True).mul_(lam_p)
     if prev_key_moment is not None:
         preserved += prev_key_moment.to(c0.device)
-    return solve_update(keys, residual, preserved, ridge, projector)
+    return solve_update(keys, residual, preserved, ridge, projector, overwrite_preserved=True)
 
 
 def pre_norm_residual(
