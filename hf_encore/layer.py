@@ -68,7 +68,7 @@ class EncoreLayer(BaseTunerLayer):
         """The original W_out [d_v, d_k] in floating point (dequantised if quantised), on its execution device: a
         copy, so it can be read while the layer is offloaded."""
         if self.merged:
-            weight = self._original_weight
+            weight = self._original_weight.clone()
         else:
             with onloaded(self.get_base_layer()) as base:
                 weight = float_weight(base).clone()

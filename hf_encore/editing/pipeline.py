@@ -102,6 +102,14 @@ def solve_settings(config: EncoreConfig) -> SolveSettings:
                          config.nullspace_threshold, config.regularizer_scale == "relative")
 
 
+def weight_norm_ratio(module: torch.nn.Module, delta: torch.Tensor) -> float:
+    """‖W₀ + Δ‖_F / ‖W₀‖_F of a wrapped W_out (``layer.Linear``), from its real original weight (dequantised,
+    onloaded), in float64; nothing of that size outlives the call."""
+    base_weight = module.float_original_weight().double()
+    w0_norm = float(base_weight.norm())
+    return float(base_weight.add_(delta.to(base_weight.device, torch.float64)).norm()) / w0_norm
+
+
 def edit_batch(
     access: ModelAccess,
     edited: Mapping[int, torch.nn.Module],
@@ -195,15 +203,14 @@ def edit_batch(
             module = edited[layer]
             delta = module.encore_delta[adapter]
             delta.add_(update.to(delta.dtype, copy=False).to(delta.device))
+            update_norm = float(update.norm())
+            del update  # [d_v, d_k] float64: 0.5 GB at 8B, not kept while the next layer is solved
             # S_prev += K Kᵀ, summed in float64 and held as C₀ is (EncoreConfig.moments_dtype / moments_device).
             held = stats[layer].c0
             k = keys.to(held.device)
             new_moments[layer] = (torch.addmm(prev.to(held.device, torch.float64), k, k.T) if prev is not None
                                   else k @ k.T).to(held.dtype)
-            base_weight = module.float_original_weight().double()  # dequantised, onloaded: the real W₀
-            w0_norm = float(base_weight.norm())
-            w_norm = float((base_weight + delta.to(base_weight.device, torch.float64)).norm())
-            layer_reports.append(LayerReport(layer, float(update.norm()), w_norm / w0_norm))
+            layer_reports.append(LayerReport(layer, update_norm, weight_norm_ratio(module, delta)))
             seconds["solve"] += time.perf_counter() - tick
 
     check_norm_growth(layer_reports, config, state.num_edits + len(requests))
