@@ -262,8 +262,9 @@ def main() -> None:
                 continue
             runs = [r for r in runs if not same_config(r, spec)]
             print(f"{model} {dtype} {settings or ''}: running", flush=True)
+            version = code_version()  # as the configuration starts: it imports hf_encore then
             record = run_in_subprocess(spec)
-            record.update({"command": command, "machine": machine(),
+            record.update({"command": command, "machine": machine(), "code": version,
                            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                            "max_edit_seconds": args.max_edit_seconds})
             if deltas and "error" not in record:
@@ -285,6 +286,17 @@ def main() -> None:
         if args.part == "moments" and results.get("delta_relative_difference"):
             for name, diffs in results["delta_relative_difference"].items():
                 print(f"{name}: " + ", ".join(f"{k}: {v:.2e}" for k, v in diffs["per_layer"].items()))
+
+
+def code_version() -> str:
+    """The git commit the configuration ran on, with "+changes" when hf_encore/ differed from it."""
+    def git(*cmd: str) -> str:
+        try:
+            return subprocess.run(["git", *cmd], capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + ("+changes" if git("status", "--porcelain", "--", "hf_encore") else "")
 
 
 def merged(out: Path, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
