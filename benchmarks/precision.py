@@ -92,7 +92,8 @@ def run_configuration(spec: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(0)
     cases = counterfact_cases(count=spec["edits"])
     start = time.perf_counter()
-    base, tokenizer = load_model(spec["model"], dtype=getattr(torch, spec["dtype"]))
+    device = spec.get("device") or "cpu"
+    base, tokenizer = load_model(spec["model"], dtype=getattr(torch, spec["dtype"]), device=device)
     config = EncoreConfig(method="encore", **spec["settings"])
     model = get_encore_model(base, config, tokenizer=tokenizer, corpus=corpus_path())
     load_seconds = time.perf_counter() - start
@@ -148,6 +149,8 @@ def run_configuration(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_editing_and_scoring_mb": peak_edit if reset_ok else None,
         "peak_rss_mb": max(peak_load, peak_edit),
         "torch_threads": torch.get_num_threads(),
+        "device": device,
+        "peak_cuda_allocated_mb": torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None,
     }
 
 
@@ -179,7 +182,8 @@ def run_in_subprocess(spec: dict[str, Any]) -> dict[str, Any]:
 def same_config(record: dict[str, Any], spec: dict[str, Any]) -> bool:
     return (record["model"] == spec["model"] and record["dtype"] == spec["dtype"]
             and record["settings"] == spec["settings"] and record.get("edits_asked", spec["edits"]) == spec["edits"]
-            and record.get("batch_size", spec["batch_size"]) == spec["batch_size"])
+            and record.get("batch_size", spec["batch_size"]) == spec["batch_size"]
+            and record.get("device", "cpu") == spec.get("device", "cpu"))
 
 
 def relative_differences(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -214,6 +218,7 @@ def main() -> None:
     parser.add_argument("--edits", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="where the model runs, e.g. cuda (peak GPU memory is recorded)")
     parser.add_argument("--max-edit-seconds", type=float, default=None,
                         help="stop a configuration after the batch in which its edit time passed this")
     parser.add_argument("--redo", action="store_true", help="rerun configurations already in --out")
@@ -248,7 +253,7 @@ def main() -> None:
             deltas = str(DELTAS_DIR / f"{model}-{dtype}-{settings.get('moments_dtype')}-{args.edits}x"
                                       f"{args.batch_size}.pt")
             spec = {"model": model, "dtype": dtype, "settings": settings, "edits": args.edits,
-                    "batch_size": args.batch_size, "threads": args.threads,
+                    "batch_size": args.batch_size, "threads": args.threads, "device": args.device,
                     "max_edit_seconds": args.max_edit_seconds, "deltas": deltas}
             done = [r for r in runs if same_config(r, spec)]
             if done and not args.redo and "error" not in done[0]:
