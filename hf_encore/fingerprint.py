@@ -63,12 +63,10 @@ def tensors_fingerprint(named_tensors: Iterable[tuple[str, TensorOrLoader]], sam
     return digest.hexdigest()
 
 
-def _readable(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> TensorOrLoader:
-    """``tensor`` (``name`` in ``model``), or, if accelerate offloaded it, a function that loads its value."""
+def _readable(module: torch.nn.Module, attr: str, tensor: torch.Tensor) -> TensorOrLoader:
+    """``tensor`` (``module``'s own ``attr``), or, if accelerate offloaded it, a function that loads its value."""
     if tensor.device.type != "meta":
         return tensor
-    owner, _, attr = name.rpartition(".")
-    module = model.get_submodule(owner)
     return lambda: offloaded_value(module, attr, tensor)
 
 
@@ -81,22 +79,24 @@ def edited_weights_fingerprint(model: torch.nn.Module, layout: ModelLayout, laye
     named = []
     for layer in layers:
         module = blocks[layer].get_submodule(layout.mlp_out)
-        if isinstance(module, EncoreLayer):
-            owner, weight = (module, module.original_weight) if module.merged else \
-                (module.get_base_layer(), module.get_base_layer().weight)
-        else:
-            owner, weight = module, module.weight
+        wrapped = isinstance(module, EncoreLayer)
+        weight = module.original_weight if wrapped else module.weight  # the kept original while merged: real
         named.append((f"{layer}.{layout.mlp_out}",
-                      weight if weight.device.type != "meta" else
-                      (lambda owner=owner, weight=weight: offloaded_value(owner, "weight", weight))))
+                      _readable(module.get_base_layer() if wrapped else module, "weight", weight)))
     return tensors_fingerprint(named)
 
 
 def base_parameters(model: torch.nn.Module) -> dict[str, TensorOrLoader]:
     """The base model's parameters and buffers by their unwrapped names, read through Encore wrappers (original
     weights while merged; no deltas); an offloaded one as a function that loads it."""
-    named = {name: _readable(model, name, t) for name, t in model.named_parameters()}
-    named.update((name, _readable(model, name, t)) for name, t in model.named_buffers())
+    def readable(name: str, tensor: torch.Tensor) -> TensorOrLoader:
+        if tensor.device.type != "meta":  # the owner is looked up for offloaded tensors only
+            return tensor
+        owner, _, attr = name.rpartition(".")
+        return _readable(model.get_submodule(owner), attr, tensor)
+
+    named = {name: readable(name, t) for name, t in model.named_parameters()}
+    named.update((name, readable(name, t)) for name, t in model.named_buffers())
     for name, module in model.named_modules():
         if isinstance(module, EncoreLayer) and module.merged:
             named[f"{name}.base_layer.weight"] = module.original_weight
