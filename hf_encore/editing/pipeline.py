@@ -190,6 +190,8 @@ def edit_batch(
                 mlp_out, normalised, gain = access.mlp_output_through_norm(layer, raw_keys)
                 residual = pre_norm_residual(mlp_out, normalised, residual, gain)
             prev = state.prev_key_moments.get(layer)
+            held = stats[layer].c0  # where this layer is solved and its moments held (moments_device)
+            keys = keys.to(held.device)  # once, for the solve and S_prev
             try:
                 update = layer_update(keys, residual, stats[layer], prev, solve)
             except torch.linalg.LinAlgError as err:
@@ -206,10 +208,8 @@ def edit_batch(
             update_norm = float(update.norm())
             del update  # [d_v, d_k] float64: 0.5 GB at 8B, not kept while the next layer is solved
             # S_prev += K Kᵀ, summed in float64 and held as C₀ is (EncoreConfig.moments_dtype / moments_device).
-            held = stats[layer].c0
-            k = keys.to(held.device)
-            new_moments[layer] = (torch.addmm(prev.to(held.device, torch.float64), k, k.T) if prev is not None
-                                  else k @ k.T).to(held.dtype)
+            new_moments[layer] = (torch.addmm(prev.to(held.device, torch.float64), keys, keys.T) if prev is not None
+                                  else keys @ keys.T).to(held.dtype)
             layer_reports.append(LayerReport(layer, update_norm, weight_norm_ratio(module, delta)))
             seconds["solve"] += time.perf_counter() - tick
 
