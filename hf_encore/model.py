@@ -16,6 +16,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from .architectures import MODEL_LAYOUTS, ModelLayout, get_blocks, layers_for, resolve_layout, target_module_regex
 from .config import EncoreConfig
 from .editing.pipeline import FAST_STEPS, EditSteps, edit_batch
+from .editing.prompt_format import prompt_format
 from .editing.report import EditReport
 from .editing.requests import EditRequest, parse_requests, prepare_requests
 from .editing.state import EditState, LayerStatistics
@@ -214,7 +215,8 @@ class EncoreModel(BaseTuner):
         tokenizer = self._get_tokenizer(tokenizer)
         access = ModelAccess(self.model, self._layout(config))
         modules = self._edited_modules(access, config, adapter)
-        prepare_requests(tokenizer, parsed, ["{}"])  # fails on an unlocatable subject before anything changes
+        # Fails on an unlocatable subject, or a chat form without a chat template, before anything changes.
+        prepare_requests(tokenizer, parsed, ["{}"], prompt_format(tokenizer, config.prompt_format))
         state = self.edit_states[adapter]
         if state.num_batches == 0 and not start_new_memory and any(
                 bool(m.encore_delta[adapter].any()) for m in modules.values()):

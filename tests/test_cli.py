@@ -114,6 +114,7 @@ def test_verbose_shows_the_traceback(tmp_path):
         main(["--verbose", "edit", str(tmp_path / "absent.json"), "--out", str(tmp_path / "x")])
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and transformers: 15 s
 def test_console_script_is_installed():
     script = Path(sys.executable).parent / "hf-encore"
     out = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True).stdout

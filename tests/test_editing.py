@@ -313,16 +313,17 @@ def test_replay_from_prefix_states_matches_a_full_forward(tiny_tok):
         assert (got - expected).norm() < 1e-4 * expected.norm(), row
 
 
+@pytest.mark.parametrize("scale", [None, 0.25])
 @pytest.mark.parametrize("softcap", [None, 3.0])
-def test_token_log_probs_match_autograd_of_the_full_logits(softcap):
+def test_token_log_probs_match_autograd_of_the_full_logits(scale, softcap):
     from types import SimpleNamespace
 
-    from hf_encore.editing.tracing import ModelAccess
+    from hf_encore.editing.tracing import LogitMap, ModelAccess
 
     torch.manual_seed(0)
     m, d, vocab = 7, 5, 11
     unembedding = torch.nn.Linear(d, vocab, bias=True)
-    access = SimpleNamespace(unembedding=unembedding, softcap=softcap)
+    access = SimpleNamespace(unembedding=unembedding, logit_map=LogitMap(scale, softcap))
     hidden = torch.randn(m, d, dtype=torch.float64, requires_grad=True)
     unembedding.double()
     labels = torch.randint(vocab, (m,))

@@ -100,7 +100,7 @@ def test_continuation_scores_unembed_only_the_positions_they_read(tiny_tok, monk
     """Only the positions that predict continuation tokens go through the unembedding (a few rows at a time), in
     several decoder passes, and the scores are those of full-logit passes of each sequence alone."""
     from hf_encore.editing import tracing
-    from hf_encore.editing.requests import target_token_ids
+    from hf_encore.editing.prompt_format import PLAIN
 
     model, tokenizer = tiny_llama(0), tiny_tok
     prompts = ["The Eiffel Tower is located in the city of", "Paris is", "LeBron James plays the sport of",
@@ -117,9 +117,9 @@ def test_continuation_scores_unembed_only_the_positions_they_read(tiny_tok, monk
     finally:
         handle.remove()
     assert len(passes) > 2 and max(unembedded) == 2
-    assert sum(unembedded) == sum(len(target_token_ids(tokenizer, c)) for c in continuations)
+    assert sum(unembedded) == sum(len(PLAIN.target_ids(tokenizer, c)) for c in continuations)
     for i, (prompt, continuation) in enumerate(zip(prompts, continuations)):
-        p_ids, t_ids = tokenizer(prompt)["input_ids"], target_token_ids(tokenizer, continuation)
+        p_ids, t_ids = tokenizer(prompt)["input_ids"], PLAIN.target_ids(tokenizer, continuation)
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([p_ids + t_ids[:-1]])).logits[0, len(p_ids) - 1:].float()
         t = torch.tensor(t_ids)

@@ -115,6 +115,7 @@ def test_save_writes_state_and_every_loader_gives_identical_logits(edited, tiny_
         assert torch.equal(state.prev_key_moments[layer], moment)
 
 
+@pytest.mark.slow  # two fresh interpreters: 14 s
 def test_resume_in_a_fresh_process_is_bit_identical(tiny_dir, tiny_tok, tiny_corpus, tmp_path, stats_cache):
     # Not a copy of the module's model: a copy's tensors sit elsewhere in memory than those of a base loaded from
     # its directory, which changes float32 rounding (3e-8 here). This process and the next load the base alike.

@@ -67,7 +67,7 @@ def test_unlocatable_subject_is_refused_before_any_change(model, monkeypatch):
     # A tokenizer whose offsets never cover the subject (as with a subject that tokenises to nothing).
     import hf_encore.editing.requests as requests_module
 
-    def no_subject(tokenizer, before_text, subject, after):
+    def no_subject(tokenizer, before_text, subject, after, add_special_tokens=True):
         raise ValueError(f"the subject {subject!r} could not be located")
 
     monkeypatch.setattr(requests_module, "tokenize_with_subject", no_subject)

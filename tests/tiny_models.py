@@ -98,25 +98,37 @@ def tiny_llama(seed: int = 0, vocab_size: int = TINY_VOCAB, num_layers: int = 4)
     return LlamaForCausalLM(config).eval()
 
 
-def tiny_family(model_type: str, seed: int = 0, vocab_size: int = TINY_VOCAB):
-    """A tiny random model of a family in the layout table (``"llama"``, ``"qwen2"``, ``"gemma3_text"``: an RMS norm
-    after the MLP, ``"gpt2"``: a transposed ``Conv1D`` W_out), four layers, seeded, MLP width ``TINY_D_K``."""
-    import transformers as tf
+# What a family's tiny config needs beyond the shared sizes below (names the family's config uses, or a setting
+# without which it does not build small). A family not listed here is built from the shared sizes alone.
+FAMILY_EXTRAS: dict[str, dict] = {
+    "gemma": dict(head_dim=8),
+    "gemma2": dict(head_dim=8),
+    "gemma3_text": dict(head_dim=8, sliding_window=128),
+    "gpt2": dict(n_positions=512),
+    "gptj": dict(n_positions=512, rotary_dim=4),
+    "opt": dict(word_embed_proj_dim=32),
+    # Cohere's 0.0625 leaves a random model's logits too flat for an edit to show; still a scale, still tested.
+    "cohere": dict(logit_scale=0.5),
+    "cohere2": dict(logit_scale=0.5),
+}
 
-    width = dict(vocab_size=vocab_size, max_position_embeddings=512, initializer_range=0.2)
-    llama_like = dict(hidden_size=32, intermediate_size=TINY_D_K, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2, **width)
-    configs = {
-        "llama": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**llama_like)),
-        "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**llama_like)),
-        "gemma3_text": lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**{**llama_like, "head_dim": 8,
-                                                                          "sliding_window": 128})),
-        "gpt2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=vocab_size, n_positions=512, n_embd=32,
-                                                         n_inner=TINY_D_K, n_layer=4, n_head=4,
-                                                         initializer_range=0.2)),
-    }
+
+def tiny_family(model_type: str, seed: int = 0, vocab_size: int = TINY_VOCAB, d_k: int = TINY_D_K, **overrides):
+    """A tiny random model of any family transformers knows by ``model_type`` (every row of the layout table, and
+    the families hf_encore refuses): four 32-wide layers, MLP width ``d_k``, seeded, built from
+    ``AutoConfig.for_model`` with the shared sizes, :data:`FAMILY_EXTRAS` and ``overrides``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    # The MLP width under each family's name for it (a config keeps the names it does not use, harmlessly).
+    widths = dict(intermediate_size=d_k, n_inner=d_k, ffn_dim=d_k, ffn_hidden_size=d_k)
+    sizes = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2, **widths)
+    config = AutoConfig.for_model(model_type, **{**sizes, **FAMILY_EXTRAS.get(model_type, {}), **overrides})
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):  # a family's own ids lie outside the tiny vocab
+        if isinstance(getattr(config, name, None), int) and getattr(config, name) >= vocab_size:
+            setattr(config, name, None)
     torch.manual_seed(seed)
-    return configs[model_type]().eval()
+    return AutoModelForCausalLM.from_config(config).eval()
 
 
 def save_tiny_model(directory: Path, seed: int = 0, num_layers: int = 4) -> Path:

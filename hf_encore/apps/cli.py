@@ -93,8 +93,8 @@ def _load(args, *, adapter: str | None = None, corpus: str | Path | None = None)
 
 def _add_model_args(parser: argparse.ArgumentParser, adapter_flag: bool = True) -> None:
     parser.add_argument("--model", default=None,
-                        help="built-in name (smollm2-135m, gemma-3-270m, qwen2.5-0.5b), a directory, a .gguf file or "
-                             "a Hub id; default: the adapter's recorded base, else smollm2-135m")
+                        help="built-in name (smollm2-135m, gemma-3-270m, qwen2.5-0.5b, qwen2.5-1.5b), a directory, a "
+                             ".gguf file or a Hub id; default: the adapter's recorded base, else smollm2-135m")
     parser.add_argument("--gguf-file", default=None, help="GGUF file inside --model (a directory or Hub id)")
     parser.add_argument("--device", default=None, help="where to run, e.g. cuda (default: the CPU)")
     parser.add_argument("--precision", choices=["float32", "bfloat16", "float16"], default="float32",
@@ -120,6 +120,8 @@ def cmd_edit(args) -> int:
     overrides = parse_settings(args.set)
     if args.method:
         overrides["method"] = args.method
+    if args.prompt_format:
+        overrides["prompt_format"] = args.prompt_format
     # The settings that shape an adapter (which layers, where) are given when it is created, not per batch.
     creation = {key: overrides.pop(key) for key in ("layers", "block_path", "mlp_out") if key in overrides}
     if args.layers:
@@ -193,9 +195,11 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def cmd_ask(args) -> int:
     import torch
 
+    from ..editing.prompt_format import prompt_format
     from ..evaluation import continuation_nll
 
     model, tokenizer = _load(args, adapter=args.adapter)
+    form = prompt_format(tokenizer, args.prompt_format)
     if args.target and len(args.target) not in (1, len(args.prompts)):
         raise UsageError(f"give one --target, or one per prompt ({len(args.prompts)}), not {len(args.target)}")
     targets = (args.target * len(args.prompts) if len(args.target or []) == 1 else args.target) or []
@@ -204,11 +208,11 @@ def cmd_ask(args) -> int:
     def answers(m) -> tuple[list[str], list[float]]:
         texts = []
         for prompt in args.prompts:
-            ids = tokenizer(prompt, return_tensors="pt")
+            ids = tokenizer(form.wrap(prompt), return_tensors="pt", add_special_tokens=form.add_special_tokens)
             out = m.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
             texts.append(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
-        probs = (-continuation_nll(m, tokenizer, args.prompts, targets)).exp().tolist() if targets else []
+        probs = (-continuation_nll(m, tokenizer, args.prompts, targets, form=form)).exp().tolist() if targets else []
         return texts, probs
 
     after = answers(model)
@@ -230,6 +234,7 @@ def cmd_ask(args) -> int:
 
 def cmd_eval(args) -> int:
     from ..data import data_dir, load_counterfact
+    from ..editing.prompt_format import prompt_format
     from ..evaluation import TASKS, counterfact_scores, downstream_scores, load_zsre, weight_norms, zsre_scores
 
     if not (args.counterfact or args.zsre or args.downstream):
@@ -253,12 +258,13 @@ def cmd_eval(args) -> int:
     if args.json and not Path(args.json).absolute().parent.is_dir():
         raise UsageError(f"--json {args.json}: its directory does not exist")
     model, tokenizer = _load(args, adapter=args.adapter)
+    form = prompt_format(tokenizer, args.prompt_format)
     results: dict[str, Any] = {}
     if cases is not None:
-        scores = counterfact_scores(model, tokenizer, cases, fluency=args.fluency)
+        scores = counterfact_scores(model, tokenizer, cases, fluency=args.fluency, form=form)
         results["counterfact"] = {k: v for k, v in scores.items() if k != "per_case"}
     if records is not None:
-        scores = zsre_scores(model, tokenizer, records)
+        scores = zsre_scores(model, tokenizer, records, form=form)
         results["zsre"] = {k: v for k, v in scores.items() if k != "per_case"}
     if directory is not None:
         tasks = {"tasks": args.tasks} if args.tasks else {}
@@ -403,6 +409,7 @@ def cmd_bench(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from ..config import METHODS
+    from ..editing.prompt_format import PROMPT_FORMATS
 
     parser = argparse.ArgumentParser(prog="hf-encore", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -421,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any EncoreConfig setting")
     p.add_argument("--corpus", default=None, help="text file(s) for C₀ (default: ../shared WikiText-2 if present)")
     p.add_argument("--delta-dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default=None,
+                   help="edit through plain prompts or the tokenizer's chat template (default: plain, or the "
+                        "adapter's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_edit)
 
@@ -429,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--target", action="append", default=None, help="a continuation to score (repeat per prompt)")
     p.add_argument("--max-new-tokens", type=positive_int, default=8)
+    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="plain",
+                   help="ask as plain text, or as the user's message in the tokenizer's chat template")
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("eval", help="CounterFact / zsRE / downstream metrics of a model or adapter")
@@ -440,6 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--items", type=positive_int, default=100, help="test items per downstream task")
     p.add_argument("--limit", type=positive_int, default=100, help="CounterFact / zsRE cases")
     p.add_argument("--fluency", action="store_true", help="also generation entropy (slower)")
+    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="plain",
+                   help="score CounterFact/zsRE prompts as plain text, or as the user's message in the chat template")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.set_defaults(func=cmd_eval)
 

@@ -21,6 +21,7 @@ import torch
 
 from ..config import NORM_RATIO_WARNING, EncoreConfig
 from .keys import key_pass_inputs, keys_and_outputs
+from .prompt_format import prompt_format
 from .report import EditReport, LayerReport, RequestReport
 from .requests import EditRequest, prepare_requests
 from .solve import SolveSettings, layer_residual, layer_update, pre_norm_residual
@@ -157,7 +158,8 @@ def edit_batch(
             state.context_templates = generate_context_templates(
                 access.lm, tokenizer, count=config.n_context_templates,
                 length=config.context_template_length, seed=config.seed)
-    prepared = prepare_requests(tokenizer, requests, state.context_templates)
+    prepared = prepare_requests(tokenizer, requests, state.context_templates,
+                                prompt_format(tokenizer, config.prompt_format))
     seconds["templates"] = time.perf_counter() - tick
 
     tick = time.perf_counter()

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+from .prompt_format import PLAIN, PromptFormat
+
 
 @dataclass(frozen=True)
 class EditRequest:
@@ -78,38 +80,28 @@ class TokenizedPrompt:
     subject_last: int
 
 
-def tokenize_with_subject(tokenizer, before: str, subject: str, after: str) -> TokenizedPrompt:
-    """Tokenise ``before + subject + after`` (with the tokenizer's special tokens) and locate the subject's last token.
+def tokenize_with_subject(tokenizer, before: str, subject: str, after: str,
+                          add_special_tokens: bool = True) -> TokenizedPrompt:
+    """Tokenise ``before + subject + after`` (with the tokenizer's special tokens unless ``add_special_tokens`` is
+    false: a rendered chat template has its own) and locate the subject's last token.
 
     Raises ``ValueError`` when no token covers the subject (e.g. a tokenizer that merges it away).
     """
     text = before + subject + after
     start, end = len(before), len(before) + len(subject)
+    special = dict(add_special_tokens=add_special_tokens)
     if getattr(tokenizer, "is_fast", False):
-        enc = tokenizer(text, return_offsets_mapping=True)
+        enc = tokenizer(text, return_offsets_mapping=True, **special)
         ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
         hits = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
         if not hits:
             raise ValueError(f"the subject {subject!r} could not be located in the tokens of {text!r}")
         return TokenizedPrompt(ids, hits[-1])
-    ids = list(tokenizer(text)["input_ids"])
-    upto = len(tokenizer(before + subject)["input_ids"])
+    ids = list(tokenizer(text, **special)["input_ids"])
+    upto = len(tokenizer(before + subject, **special)["input_ids"])
     if upto == 0 or upto > len(ids):
         raise ValueError(f"the subject {subject!r} could not be located in the tokens of {text!r}")
     return TokenizedPrompt(ids, upto - 1)
-
-
-def target_token_ids(tokenizer, target: str) -> list[int]:
-    """Token ids of ``" " + target`` as a continuation: no BOS, no lone leading-space token."""
-    text = target if target[:1].isspace() else " " + target
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    ids = [t for t in ids if t not in special]
-    if len(ids) > 1 and tokenizer.decode([ids[0]]).strip() == "":
-        ids = ids[1:]
-    if not ids or not tokenizer.decode(ids).strip():
-        raise ValueError(f"the target {target!r} has no text besides special tokens and spaces")
-    return ids
 
 
 def split_template(template: str) -> tuple[str, str]:
@@ -130,8 +122,10 @@ class PreparedRequest:
 KL_PROMPT = "{} is a"
 
 
-def prepare_requests(tokenizer, requests: Sequence[EditRequest], templates: Sequence[str]) -> list[PreparedRequest]:
-    """Tokenise each request in each context template. Raises ``ValueError`` naming the request on failure."""
+def prepare_requests(tokenizer, requests: Sequence[EditRequest], templates: Sequence[str],
+                     form: PromptFormat = PLAIN) -> list[PreparedRequest]:
+    """Tokenise each request in each context template, read through ``form`` (the context template's prefix goes
+    inside the user turn of a chat form). Raises ``ValueError`` naming the request on failure."""
     prepared = []
     for i, req in enumerate(requests):
         p_before, p_after = split_template(req.prompt)
@@ -139,10 +133,12 @@ def prepare_requests(tokenizer, requests: Sequence[EditRequest], templates: Sequ
             prompts = []
             for template in templates:
                 t_before, t_after = split_template(template)
-                prompts.append(tokenize_with_subject(tokenizer, t_before + p_before, req.subject, p_after + t_after))
+                prompts.append(tokenize_with_subject(tokenizer, form.head + t_before + p_before, req.subject,
+                                                     p_after + t_after + form.tail, form.add_special_tokens))
             k_before, k_after = split_template(KL_PROMPT)
-            kl = tokenize_with_subject(tokenizer, k_before, req.subject, k_after)
-            target = target_token_ids(tokenizer, req.target_new)
+            kl = tokenize_with_subject(tokenizer, form.head + k_before, req.subject, k_after + form.tail,
+                                       form.add_special_tokens)
+            target = form.target_ids(tokenizer, req.target_new)
         except ValueError as err:
             raise ValueError(f"request {i}: {err}") from None
         prepared.append(PreparedRequest(prompts, kl, target))

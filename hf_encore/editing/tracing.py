@@ -8,6 +8,7 @@ generic entry points (``base_model``, ``get_output_embeddings``), so one code pa
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -15,7 +16,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from ..architectures import ModelLayout, get_blocks
+from ..architectures import MODEL_LAYOUTS, ModelLayout, get_blocks
 from ..placement import compute_dtype, execution_device, input_device, onloaded
 
 
@@ -97,35 +98,58 @@ def causal_lm(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, float | None]:
+@dataclass(frozen=True)
+class LogitMap:
+    """What a family does to the unembedding's output: logits = softcap·tanh(scale·z / softcap), either part absent
+    where ``None`` (Cohere scales, Gemma-2/3 cap)."""
+
+    scale: float | None = None
+    softcap: float | None = None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.scale is not None:
+            logits = logits * self.scale
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def slope(self, logits: torch.Tensor) -> torch.Tensor | float:
+        """d logits / d z, read back from the mapped logits: scale·(1 − tanh²) (a number without a softcap)."""
+        slope = 1 - (logits / self.softcap) ** 2 if self.softcap else 1.0
+        return slope * self.scale if self.scale is not None else slope
+
+
+def lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, LogitMap]:
     """A causal LM's (or a PEFT model's) decoder — its ``last_hidden_state`` is after the final norm —, its
-    unembedding and its logit softcap (``None`` where it has none)."""
+    unembedding and what the family does to the unembedding's output (its layout row's ``logit_scale``, the
+    config's ``final_logit_softcapping``)."""
     lm = causal_lm(model)
-    return lm.base_model, lm.get_output_embeddings(), getattr(lm.config, "final_logit_softcapping", None)
+    config = lm.config
+    row = MODEL_LAYOUTS.get(getattr(config, "model_type", None))
+    scale = getattr(config, row.logit_scale) if row is not None and row.logit_scale else None
+    logit_map = LogitMap(None if scale is None else float(scale), getattr(config, "final_logit_softcapping", None))
+    return lm.base_model, lm.get_output_embeddings(), logit_map
 
 
 MAX_LOGITS = 1 << 25  # logit values one unembedding chunk may hold (128 MiB in float32)
 
 
 def unembed(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-            softcap: float | None) -> torch.Tensor:
-    """Float32 logits [..., V] from final hidden states [..., d] (after the model's final norm), with the model's
-    logit softcap (softcap·tanh(z/softcap)) where it has one."""
-    logits = nn.functional.linear(hidden.to(weight.dtype), weight, bias)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits.float()
+            logit_map: LogitMap) -> torch.Tensor:
+    """Float32 logits [..., V] from final hidden states [..., d] (after the model's final norm), mapped as the
+    model maps them (:class:`LogitMap`)."""
+    return logit_map(nn.functional.linear(hidden.to(weight.dtype), weight, bias)).float()
 
 
 class _TokenLogProb(torch.autograd.Function):
     """log p(label | h) per row, and the argmax. Its gradient in h is a [d] vector per row — Wᵀ(e_label − softmax),
-    times tanh' under a logit softcap — so the forward pass computes it chunk by chunk and keeps only that [m, d]
+    times the logit map's slope — so the forward pass computes it chunk by chunk and keeps only that [m, d]
     Jacobian: the backward pass scales it by the incoming per-row gradient. No [m, V] tensor outlives its chunk
     (autograd's log_softmax would keep one for the backward pass: 2 GB for 2,000 target tokens of Gemma's 262k
     vocabulary), and the FLOPs are those of the forward and backward matmuls as before."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, softcap, rows):
+    def forward(ctx, hidden, weight, bias, labels, logit_map, rows):
         m = hidden.shape[0]
         log_p = torch.empty(m, dtype=torch.float32, device=hidden.device)
         argmax = torch.empty(m, dtype=torch.long, device=hidden.device)
@@ -133,15 +157,14 @@ class _TokenLogProb(torch.autograd.Function):
         for start in range(0, m, rows):
             end = min(m, start + rows)
             label = labels[start:end, None]
-            logits = unembed(hidden[start:end], weight, bias, softcap)  # [rows, V]
+            logits = unembed(hidden[start:end], weight, bias, logit_map)  # [rows, V]
             lse = logits.logsumexp(-1, keepdim=True)
             log_p[start:end] = (logits.gather(1, label) - lse).squeeze(1)
             argmax[start:end] = logits.argmax(-1)
             if jacobian is not None:
-                # d(softcap·tanh(z/softcap))/dz = 1 − tanh², read back from the capped logits.
-                slope = 1 - (logits / softcap) ** 2 if softcap else None
+                slope = logit_map.slope(logits)
                 grad = logits.sub_(lse).exp_().neg_().scatter_add_(1, label, torch.ones_like(label, dtype=logits.dtype))
-                if slope is not None:
+                if not isinstance(slope, float) or slope != 1.0:
                     grad.mul_(slope)
                 jacobian[start:end] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
         ctx.mark_non_differentiable(argmax)
@@ -154,7 +177,7 @@ class _TokenLogProb(torch.autograd.Function):
         return grad_log_p[:, None].to(jacobian.dtype) * jacobian, None, None, None, None, None
 
 
-def token_log_probs(hidden: torch.Tensor, labels: torch.Tensor, unembedding: nn.Module, softcap: float | None,
+def token_log_probs(hidden: torch.Tensor, labels: torch.Tensor, unembedding: nn.Module, logit_map: LogitMap,
                     max_logits: int = MAX_LOGITS) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(label) [m] (float32, differentiable in ``hidden``) and the argmax token [m] at final hidden states
     ``hidden`` [m, d] (after the final norm), without holding an [m, V] tensor: rows go through the unembedding
@@ -164,7 +187,7 @@ def token_log_probs(hidden: torch.Tensor, labels: torch.Tensor, unembedding: nn.
         weight = unembedding.weight
         rows = max(1, max_logits // weight.shape[0])
         log_p, argmax = _TokenLogProb.apply(hidden.to(weight.device), weight.detach(),
-                                            getattr(unembedding, "bias", None), labels.to(weight.device), softcap,
+                                            getattr(unembedding, "bias", None), labels.to(weight.device), logit_map,
                                             rows)
     return log_p.to(hidden.device), argmax.to(hidden.device)
 
@@ -184,7 +207,7 @@ class ModelAccess:
         self.lm = lm
         self.layout = layout
         self.blocks = get_blocks(lm, layout)
-        self.decoder, self.unembedding, self.softcap = lm_parts(lm)
+        self.decoder, self.unembedding, self.logit_map = lm_parts(lm)
         self.cache_kwarg = cache_kwarg(self.decoder)
         self.dtype = compute_dtype(self.decoder)
         self.input_device = input_device(self.decoder)
@@ -222,14 +245,14 @@ class ModelAccess:
         ``hidden``'s device."""
         with onloaded(self.unembedding) as unembedding:
             weight = unembedding.weight
-            logits = unembed(hidden.to(weight.device), weight, getattr(unembedding, "bias", None), self.softcap)
+            logits = unembed(hidden.to(weight.device), weight, getattr(unembedding, "bias", None), self.logit_map)
         return logits.to(hidden.device)
 
     def token_log_probs(self, hidden: torch.Tensor, labels: torch.Tensor,
                         max_logits: int = MAX_LOGITS) -> tuple[torch.Tensor, torch.Tensor]:
-        """:func:`token_log_probs` through this model's unembedding and logit softcap, on ``hidden``'s device (and
+        """:func:`token_log_probs` through this model's unembedding and logit map, on ``hidden``'s device (and
         differentiable in it)."""
-        return token_log_probs(hidden, labels, self.unembedding, self.softcap, max_logits)
+        return token_log_probs(hidden, labels, self.unembedding, self.logit_map, max_logits)
 
     def trace(
         self,
@@ -259,9 +282,11 @@ class ModelAccess:
             for layer in set(block_outputs):
                 handles.append(self.blocks[layer].register_forward_hook(
                     lambda m, a, out, layer=layer: store(("block", layer), _first(out))))
+            # OPT feeds its MLP the [B·T, d] flattened hidden states: keys are put back as [B, T, d_k].
+            sequence = tuple(input_ids.shape)
             for layer in set(mlp_inputs):
                 handles.append(self.w_out(layer).register_forward_pre_hook(
-                    lambda m, args, layer=layer: store(("key", layer), args[0])))
+                    lambda m, args, layer=layer: store(("key", layer), args[0].reshape(*sequence, -1))))
             with contextlib.suppress(_StopForward):
                 self.decoder(input_ids=input_ids.to(self.input_device),
                              attention_mask=attention_mask.to(self.input_device),
@@ -283,12 +308,14 @@ class ModelAccess:
         hidden = hidden.to(device=self.block_device(layer), dtype=self.dtype)
         missing = object()
         own_forward = [block.__dict__.get("forward", missing) for block in patched]
+        # The stand-ins return what the blocks return: a tensor, or a tuple led by it (Falcon).
+        wrap = (lambda h: (h,)) if self.blocks_return_tuples else (lambda h: h)
 
         def passthrough(hidden_states, *args, **kwargs):
-            return hidden_states
+            return wrap(hidden_states)
 
         def replay(hidden_states, *args, **kwargs):
-            return hidden
+            return wrap(hidden)
 
         try:
             for block in patched[:-1]:
@@ -301,6 +328,26 @@ class ModelAccess:
                     block.__dict__.pop("forward", None)
                 else:
                     block.forward = forward
+
+    @functools.cached_property
+    def blocks_return_tuples(self) -> bool:
+        """Whether a decoder block returns a tuple (hidden states, …) rather than the hidden states: most
+        transformers 5 families return the tensor, a few (Falcon) still the tuple, and the decoder indexes it.
+        Read once from block 0 on a one-token pass that stops there."""
+        seen = []
+
+        def look(module, args, output):
+            seen.append(isinstance(output, (tuple, list)))
+            raise _StopForward
+
+        handle = self.blocks[0].register_forward_hook(look)
+        try:
+            with torch.no_grad(), contextlib.suppress(_StopForward):
+                self.decoder(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.input_device),
+                             use_cache=False)
+        finally:
+            handle.remove()
+        return seen[0]
 
     def _continuation(self, past, length: int) -> dict:
         """Forward arguments for ``length`` new positions after those held in ``past`` (none: a fresh pass)."""

@@ -27,7 +27,7 @@ def perplexity(model, tokenizer, texts: Sequence[str], *, n_tokens: int = 20_000
     vocabulary (Gemma-3) would take 1 GiB per 1,024 tokens, with copies.
     """
     chunks = packed_chunks(tokenizer, texts, n_tokens, seq_len)
-    decoder, unembedding, softcap = lm_parts(model)
+    decoder, unembedding, logit_map = lm_parts(model)
     device = input_device(model)
     total_nll, count = 0.0, 0
     for group in tqdm(chunk_by_tokens([len(c) for c in chunks], max_tokens), desc="perplexity",
@@ -36,7 +36,7 @@ def perplexity(model, tokenizer, texts: Sequence[str], *, n_tokens: int = 20_000
         ids, mask = ids.to(device), mask.to(device)
         hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1]  # [B, T-1, d]
         real = mask[:, 1:].bool()
-        log_p, _ = token_log_probs(hidden[real], ids[:, 1:][real], unembedding, softcap, max_logits)
+        log_p, _ = token_log_probs(hidden[real], ids[:, 1:][real], unembedding, logit_map, max_logits)
         total_nll -= float(log_p.double().sum())
         count += int(real.sum())
     return math.exp(total_nll / count)

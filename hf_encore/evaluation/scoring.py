@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..editing.requests import target_token_ids
+from ..editing.prompt_format import PLAIN, PromptFormat
 from ..editing.tracing import MAX_LOGITS, chunk_by_tokens, lm_parts, pad_right, token_log_probs
 from ..placement import input_device
 
@@ -37,26 +37,27 @@ def pad_token_id(tokenizer) -> int:
 
 @torch.no_grad()
 def score_continuations(model, tokenizer, prompts: Sequence[str], continuations: Sequence[str], *,
-                        max_tokens: int = 4096, max_logits: int = MAX_LOGITS,
-                        progress: bool = False) -> ContinuationScores:
+                        max_tokens: int = 4096, max_logits: int = MAX_LOGITS, progress: bool = False,
+                        form: PromptFormat = PLAIN) -> ContinuationScores:
     """Teacher-forced scores of ``continuations[i]`` after ``prompts[i]``.
 
     The prompt is tokenised as the model sees text (with BOS if the tokenizer adds one); the continuation as a
-    continuation (a leading space, no special tokens), so multi-token targets are scored token by token.
+    continuation (a leading space, no special tokens), so multi-token targets are scored token by token. Under a
+    chat ``form`` the prompt is the user's message and the continuation the start of the reply.
     ``max_tokens`` bounds the tokens of one decoder pass, ``max_logits`` the logits held at once.
     """
     if len(prompts) != len(continuations):
         raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
     seqs, starts, targets = [], [], []
     for prompt, cont in zip(prompts, continuations):
-        p_ids = list(tokenizer(prompt)["input_ids"])
-        t_ids = target_token_ids(tokenizer, cont)
+        p_ids = form.encode(tokenizer, prompt)
+        t_ids = form.target_ids(tokenizer, cont)
         seqs.append(p_ids + t_ids[:-1])
         starts.append(len(p_ids) - 1)
         targets.append(t_ids)
     logprobs: list[torch.Tensor] = [None] * len(seqs)  # type: ignore[list-item]
     correct: list[torch.Tensor] = [None] * len(seqs)  # type: ignore[list-item]
-    decoder, unembedding, softcap = lm_parts(model)
+    decoder, unembedding, logit_map = lm_parts(model)
     device = input_device(model)
     # Only the positions that predict continuation tokens go through the unembedding, a few rows at a time: on a
     # 262k vocabulary (Gemma-3) every position's logits would cost more memory and arithmetic than the decoder.
@@ -68,7 +69,7 @@ def score_continuations(model, tokenizer, prompts: Sequence[str], continuations:
         rows = torch.cat([torch.full((len(targets[i]),), row) for row, i in enumerate(chunk)])
         positions = torch.cat([torch.arange(starts[i], starts[i] + len(targets[i])) for i in chunk])
         labels = torch.tensor([t for i in chunk for t in targets[i]], device=device)
-        log_p, argmax = token_log_probs(hidden[rows.to(device), positions.to(device)], labels, unembedding, softcap,
+        log_p, argmax = token_log_probs(hidden[rows.to(device), positions.to(device)], labels, unembedding, logit_map,
                                         max_logits)  # [m], [m]
         sizes = [len(targets[i]) for i in chunk]
         for i, lp, ok in zip(chunk, log_p.cpu().split(sizes), (argmax == labels).cpu().split(sizes)):
@@ -77,6 +78,6 @@ def score_continuations(model, tokenizer, prompts: Sequence[str], continuations:
 
 
 def continuation_nll(model, tokenizer, prompts: Sequence[str], continuations: Sequence[str],
-                     max_tokens: int = 4096) -> torch.Tensor:
+                     max_tokens: int = 4096, form: PromptFormat = PLAIN) -> torch.Tensor:
     """Mean per-token NLL of each continuation after its prompt, teacher-forced. → [n]."""
-    return score_continuations(model, tokenizer, prompts, continuations, max_tokens=max_tokens).mean_nll
+    return score_continuations(model, tokenizer, prompts, continuations, max_tokens=max_tokens, form=form).mean_nll

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..editing.prompt_format import PLAIN, PromptFormat
 from .scoring import score_continuations
 
 
@@ -38,8 +39,10 @@ def load_zsre(path: str | os.PathLike, limit: int | None = None) -> list[dict[st
     return records
 
 
-def zsre_scores(model, tokenizer, records: Sequence[dict[str, Any]], max_tokens: int = 4096) -> dict[str, Any]:
-    """Mean token accuracy on question (ES), rephrase (PS) and unrelated question (NS), as fractions."""
+def zsre_scores(model, tokenizer, records: Sequence[dict[str, Any]], max_tokens: int = 4096,
+                form: PromptFormat = PLAIN) -> dict[str, Any]:
+    """Mean token accuracy on question (ES), rephrase (PS) and unrelated question (NS), as fractions, every
+    question read through ``form``."""
     new = [r["target_new"] for r in records]
     groups = {
         "ES": ([r["prompt"].replace("{}", r["subject"]) for r in records], new),
@@ -48,7 +51,8 @@ def zsre_scores(model, tokenizer, records: Sequence[dict[str, Any]], max_tokens:
     }
     results: dict[str, Any] = {"per_case": {}}
     for name, (prompts, answers) in groups.items():
-        accuracy = score_continuations(model, tokenizer, prompts, answers, max_tokens=max_tokens).token_accuracy
+        accuracy = score_continuations(model, tokenizer, prompts, answers, max_tokens=max_tokens,
+                                       form=form).token_accuracy
         results[name] = float(accuracy.mean())
         results["per_case"][name] = accuracy.tolist()
     return results
