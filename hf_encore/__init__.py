@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 from .config import METHOD_PRESETS, METHODS, EncoreConfig
+from .easyedit import edit_facts
 from .editing.pipeline import NormRatioExceededError
 from .editing.report import EditReport
 from .editing.requests import EditRequest
@@ -29,8 +30,8 @@ register()
 __all__ = [
     "AdapterFileError", "BaseModelMismatchError", "DEFAULT_MODEL", "EditReport", "EditRequest",
     "EditStateMissingError", "EncoreConfig", "EncoreLayer", "EncoreModel", "EncorePeftModel", "METHODS",
-    "METHOD_PRESETS", "NormRatioExceededError", "SaveLockTimeout", "SaveTargetError", "from_pretrained",
-    "get_encore_model", "load_model", "push_to_hub",
+    "METHOD_PRESETS", "NormRatioExceededError", "SaveLockTimeout", "SaveTargetError", "edit_facts",
+    "from_pretrained", "get_encore_model", "load_model", "push_to_hub",
 ]
 __version__ = "0.1.0"
 

@@ -248,6 +248,14 @@ class EncorePeftModel(PeftModelForCausalLM):
         """Upload the adapter, its editing state, ledger and model card (see :func:`hf_encore.push_to_hub`)."""
         return push_to_hub(self, repo_id, **kwargs)
 
+    def to_lora(self, directory: str | os.PathLike, *, adapter_name: str = "default", rank: int | None = None):
+        """Write the adapter's deltas as a standard PEFT LoRA adapter that plain PEFT (and LoRA-serving engines) load
+        without hf_encore: exact at each layer's numerical rank, or truncated to ``rank`` with the relative error
+        reported per layer (see :func:`hf_encore.lora_export.export_lora`). Returns that report."""
+        from .lora_export import export_lora
+
+        return export_lora(self, directory, adapter_name=adapter_name, rank=rank)
+
 
 def from_pretrained(
     model: torch.nn.Module | None,

@@ -386,6 +386,16 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    model, _ = _load(args, adapter=args.adapter)
+    report = model.to_lora(args.lora, rank=args.rank)
+    print(_table(["module", "rank", "numerical rank", "relative error", "LoRA params", "dense params"],
+                 [[x.module, x.rank, x.numerical_rank, f"{x.relative_error:.2e}", x.lora_parameters,
+                   x.dense_parameters] for x in report]))
+    print(f"\nLoRA adapter written to {args.lora}")
+    return 0
+
+
 def cmd_push(args) -> int:
     from ..hub import push_to_hub
 
@@ -478,6 +488,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export", help="write an adapter as a standard PEFT LoRA adapter (for LoRA serving)")
+    _add_model_args(p, adapter_flag=False)
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--lora", required=True, metavar="DIR", help="new or empty directory for the LoRA adapter")
+    p.add_argument("--rank", type=positive_int, default=None,
+                   help="at most this rank per layer (default: each delta's numerical rank, exact)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("push", help="push an adapter directory to the Hub")
     p.add_argument("adapter")

@@ -15,10 +15,12 @@ from ..placement import input_device
 
 @dataclass
 class ContinuationScores:
-    """Per item: log p of each continuation token [len_i], and whether it was the argmax there [len_i]."""
+    """Per item: log p of each continuation token [len_i], whether it was the argmax there [len_i], and the argmax
+    token there [len_i]."""
 
     token_logprobs: list[torch.Tensor]
     token_correct: list[torch.Tensor]
+    token_predictions: list[torch.Tensor]
 
     @property
     def mean_nll(self) -> torch.Tensor:
@@ -57,6 +59,7 @@ def score_continuations(model, tokenizer, prompts: Sequence[str], continuations:
         targets.append(t_ids)
     logprobs: list[torch.Tensor] = [None] * len(seqs)  # type: ignore[list-item]
     correct: list[torch.Tensor] = [None] * len(seqs)  # type: ignore[list-item]
+    predicted: list[torch.Tensor] = [None] * len(seqs)  # type: ignore[list-item]
     decoder, unembedding, logit_map = lm_parts(model)
     device = input_device(model)
     # Only the positions that predict continuation tokens go through the unembedding, a few rows at a time: on a
@@ -72,9 +75,10 @@ def score_continuations(model, tokenizer, prompts: Sequence[str], continuations:
         log_p, argmax = token_log_probs(hidden[rows.to(device), positions.to(device)], labels, unembedding, logit_map,
                                         max_logits)  # [m], [m]
         sizes = [len(targets[i]) for i in chunk]
-        for i, lp, ok in zip(chunk, log_p.cpu().split(sizes), (argmax == labels).cpu().split(sizes)):
-            logprobs[i], correct[i] = lp, ok
-    return ContinuationScores(logprobs, correct)
+        for i, lp, ok, top in zip(chunk, log_p.cpu().split(sizes), (argmax == labels).cpu().split(sizes),
+                                  argmax.cpu().split(sizes)):
+            logprobs[i], correct[i], predicted[i] = lp, ok, top
+    return ContinuationScores(logprobs, correct, predicted)
 
 
 def continuation_nll(model, tokenizer, prompts: Sequence[str], continuations: Sequence[str],
