@@ -212,6 +212,7 @@ SETTINGS: dict[str, Setting] = {
     "base_model_fingerprint": Setting("text", optional=True),
     "base_model_parts_fingerprint": Setting("text_map", optional=True),
     "gguf_file": Setting("text", optional=True),
+    "base_model_builtin": Setting("text", optional=True),
     "base_model_name_or_path": Setting("text", optional=True),
     "revision": Setting("text", optional=True),
     "inference_mode": Setting("bool"),
@@ -342,6 +343,9 @@ class EncoreConfig(PeftConfig):
     base_model_parts_fingerprint: Optional[dict[str, str]] = field(
         default=None, metadata={"help": "set automatically: a sampled fingerprint of every part of the base model"})
     gguf_file: Optional[str] = field(default=None, metadata={"help": "GGUF file the base was loaded from"})
+    base_model_builtin: Optional[str] = field(
+        default=None, metadata={"help": "set automatically: the hf_encore built-in model the base was loaded as (its "
+                                        "GGUF copy of base_model_name_or_path), which loads the same weights anywhere"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -391,7 +395,7 @@ class EncoreConfig(PeftConfig):
         if unknown:
             raise ValueError(f"Unknown EncoreConfig setting(s): {unknown}")
         frozen = {"layers", "block_path", "mlp_out", "target_modules", "base_model_fingerprint",
-                  "base_model_parts_fingerprint"}
+                  "base_model_parts_fingerprint", "base_model_builtin"}
         if frozen & set(overrides):
             raise ValueError(f"{sorted(frozen & set(overrides))} are fixed when the adapter is created")
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}

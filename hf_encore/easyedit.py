@@ -58,7 +58,7 @@ def _scores(model, tokenizer, prompts, answers, form):
 
 
 def edit_facts(
-    model,
+    model: Any,
     prompts: str | Sequence[str],
     target_new: str | Sequence[str],
     subject: str | Sequence[str],
@@ -66,8 +66,8 @@ def edit_facts(
     rephrase_prompts: str | Sequence[str] | None = None,
     locality_inputs: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
     *,
-    tokenizer=None,
-    corpus=None,
+    tokenizer: Any = None,
+    corpus: Any = None,
     batch_size: int = 1,
     progress: bool = True,
     **overrides: Any,

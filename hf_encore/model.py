@@ -79,6 +79,8 @@ class EncoreModel(BaseTuner):
         config.target_modules = target_module_regex(layout, config.layers)
         if config.gguf_file is None:
             config.gguf_file = getattr(model, "gguf_file", None)
+        if config.base_model_builtin is None:
+            config.base_model_builtin = getattr(model, "hf_encore_builtin", None)
         record_or_check_base(config, adapter_name, measured)
         self.edit_states[adapter_name] = EditState()
 

@@ -148,6 +148,7 @@ class EncorePeftModel(PeftModelForCausalLM):
         save_statistics: bool = False,
         memory_dtype: str | torch.dtype | None = None,
         metrics: dict[str, Any] | None = None,
+        card_metadata: dict[str, Any] | None = None,
         is_main_process: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -162,7 +163,10 @@ class EncorePeftModel(PeftModelForCausalLM):
                 without the statistics cache or corpus.
             memory_dtype: dtype of the stored previous-edit memory; ``None`` (default): as held in memory (float64
                 up to d_k = 8,192, else float32: ``EncoreConfig.moments_dtype``), which keeps resume exact.
-            metrics: figures to show in the model card (e.g. ``{"efficacy": 0.98}``).
+            metrics: figures to show in the model card and record as its evaluation results (e.g.
+                ``{"efficacy": 0.98}``).
+            card_metadata: more model-card metadata (``huggingface_hub.ModelCardData`` fields: ``datasets``,
+                ``license``, ``language``, …), over what hf_encore fills in.
         """
         if not is_main_process:
             return
@@ -184,7 +188,7 @@ class EncorePeftModel(PeftModelForCausalLM):
                     stats = tuner.recorded_statistics(name) if save_statistics else None
                     write_edit_state(tuner.edit_states[name], out, memory_dtype=memory_dtype, statistics=stats)
                 write_model_card(out, self.peft_config[name], tuner.edit_states[name], metrics=metrics,
-                                 delta_dtype=delta_dtype)
+                                 delta_dtype=delta_dtype, extra_metadata=card_metadata)
 
     def load_adapter(
         self,
@@ -257,6 +261,16 @@ class EncorePeftModel(PeftModelForCausalLM):
         return export_lora(self, directory, adapter_name=adapter_name, rank=rank)
 
 
+def recorded_base(config: EncoreConfig, directory: str | os.PathLike) -> dict[str, Any]:
+    """``load_model`` arguments for the base an adapter records: the built-in model it was made on (the same
+    weights on any machine, checked by fingerprint when attached), else its Hub id or path with its GGUF file."""
+    if config.base_model_builtin:
+        return {"name_or_path": config.base_model_builtin}
+    if not config.base_model_name_or_path:
+        raise ValueError(f"{directory} does not name its base model: pass the model")
+    return {"name_or_path": config.base_model_name_or_path, "gguf_file": config.gguf_file}
+
+
 def from_pretrained(
     model: torch.nn.Module | None,
     model_id: str | os.PathLike,
@@ -278,10 +292,8 @@ def from_pretrained(
     if model is None:
         from .loading import load_model
 
-        config = read_config(directory, ignore_base_mismatch)
-        if not config.base_model_name_or_path:
-            raise ValueError(f"{directory} does not name its base model: pass the model")
-        model, loaded_tokenizer = load_model(config.base_model_name_or_path, gguf_file=config.gguf_file)
+        model, loaded_tokenizer = load_model(**recorded_base(read_config(directory, ignore_base_mismatch),
+                                                             directory))
         tokenizer = tokenizer or loaded_tokenizer
     checked = check_adapter(directory, model, ignore_base_mismatch)  # before the model is touched
     checked.config.inference_mode = True

@@ -333,7 +333,11 @@ def test_push_to_a_fake_hub_and_load_back_offline(edited, tiny_dir, tiny_tok, tm
     assert set(files) == {"README.md", "adapter_config.json", "adapter_model.safetensors", "encore_ledger.jsonl",
                           "encore_manifest.json", "encore_state.json", "encore_state.safetensors"}
     card = files["README.md"].decode()
-    assert card.startswith("---\nlibrary_name: peft\n") and "- knowledge-editing" in card
+    from huggingface_hub import ModelCard
+
+    data = ModelCard(card).data
+    assert data.library_name == "peft" and "knowledge-editing" in data.tags
+    assert data.eval_results[0].metric_type == "efficacy" and data.eval_results[0].metric_value == 1.0
     assert "| efficacy | 1.000 |" in card and "| football |" in card and "1 facts written" in card
 
     # The download side: a Hub cache as a download leaves it, read with the Hub offline.

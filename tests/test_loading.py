@@ -14,7 +14,8 @@ from hf_encore.architectures import default_layers, resolve_layout
 @pytest.fixture
 def fake_spec(monkeypatch, tmp_path):
     spec = loading.BuiltinModel(name="fake-model", wheels=("fake-wheel==1.0",), member_suffixes=("pkg/model.gguf",),
-                               gguf_name="model.gguf", sha256="0" * 64)
+                               gguf_name="model.gguf", sha256="0" * 64, hub_id="someone/fake-model",
+                               quantization="Q4_1")
     monkeypatch.setitem(loading.BUILTIN_MODELS, "fake-model", spec)
     monkeypatch.setitem(loading._ALIASES, "fake-model", "fake-model")
     monkeypatch.setenv("HF_ENCORE_CACHE", str(tmp_path / "cache"))
@@ -49,7 +50,10 @@ def test_failed_pip_download_names_the_command(fake_spec, monkeypatch):
 def test_unknown_names_and_layouts():
     with pytest.raises(ValueError, match="Unknown built-in model"):
         loading.ensure_builtin("no-such-model")
-    assert loading.resolve_builtin("HuggingFaceTB/SmolLM2-135M-Instruct").name == "smollm2-135m"
+    # A Hub id means the Hub: never resolved to a built-in copy (which has other weights).
+    assert loading.resolve_builtin("HuggingFaceTB/SmolLM2-135M-Instruct") is None
+    assert loading.resolve_builtin("SmolLM2").name == "smollm2-135m"
+    assert loading.builtin_copy_of("HuggingFaceTB/SmolLM2-135M-Instruct").name == "smollm2-135m"
 
     class Unknown:
         class config:
@@ -60,3 +64,41 @@ def test_unknown_names_and_layouts():
     assert resolve_layout(Unknown(), "backbone.layers", "mixer.out_proj").block_path == "backbone.layers"
     assert default_layers(30) == (4, 5, 6, 7, 8) and default_layers(18) == (2, 3, 4, 5, 6)
     assert default_layers(3) == (0, 1, 2)
+
+
+def test_an_adapter_on_a_builtin_records_its_hub_id_and_reloads_by_name_anywhere(fake_spec, monkeypatch, tmp_path):
+    """The adapter names the Hub model the built-in was quantised from, the GGUF file and the built-in name (never
+    this machine's cache path); from_pretrained(None, ...) loads the built-in again by name."""
+    import json
+
+    import torch
+
+    import hf_encore
+
+    from tiny_models import TINY_CORPUS, TINY_EDIT, TINY_LAYERS, save_tiny_model, tiny_tokenizer
+
+    converted = save_tiny_model(tmp_path / "converted")
+    monkeypatch.setattr(loading, "ensure_builtin", lambda name: converted)
+    base, tokenizer = loading.load_model("fake-model")
+    model = hf_encore.get_encore_model(base, hf_encore.EncoreConfig(layers=list(TINY_LAYERS), **TINY_EDIT),
+                                       tokenizer=tiny_tokenizer(), corpus=TINY_CORPUS)
+    model.edit([{"prompt": "{} plays the sport of", "subject": "LeBron James", "target_new": "football"}],
+               progress=False)
+    model.save_pretrained(tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == "someone/fake-model"
+    assert saved["base_model_builtin"] == "fake-model" and saved["gguf_file"] == "model.gguf"
+    assert str(tmp_path) not in json.dumps(saved)
+    loaded = hf_encore.from_pretrained(None, tmp_path / "adapter")
+    ids = tiny_tokenizer()("LeBron James plays", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_a_hub_id_is_never_a_builtin_and_offline_names_the_local_copy(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(OSError, match="built-in 'smollm2-135m' is a Q4_1 GGUF copy of it"):
+        loading.load_model("HuggingFaceTB/SmolLM2-135M-Instruct")

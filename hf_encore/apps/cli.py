@@ -54,10 +54,17 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 # --- model loading ---------------------------------------------------------------------------------------------
 
 
-def _corpus(args) -> str | Path | None:
-    """--corpus, else the shared WikiText-2 if it is there (else ``None``: model-generated text, with a warning)."""
+def _corpus(args) -> Any:
+    """--corpus, or --corpus-dataset (streamed), else the shared WikiText-2 if it is there (else ``None``:
+    model-generated text, with a warning)."""
     from ..data import data_dir
+    from ..editing.stats import DatasetCorpus
 
+    if getattr(args, "corpus_dataset", None):
+        if getattr(args, "corpus", None):
+            raise UsageError("give --corpus or --corpus-dataset, not both")
+        name, config, split = (args.corpus_dataset.split(":") + [None, None])[:3]
+        return DatasetCorpus(name, config or None, split or "train")
     if getattr(args, "corpus", None):
         if not Path(args.corpus).exists():
             raise UsageError(f"corpus not found: {args.corpus}")
@@ -73,14 +80,16 @@ def _load(args, *, adapter: str | None = None, corpus: str | Path | None = None)
 
     from .. import from_pretrained
     from ..loading import load_model
-    from ..peft_model import read_config, resolve_adapter_dir
+    from ..peft_model import read_config, recorded_base, resolve_adapter_dir
 
     name, gguf_file = args.model, args.gguf_file
     if adapter is not None and name is None:
-        recorded = read_config(resolve_adapter_dir(adapter), args.ignore_base_mismatch)
-        if not recorded.base_model_name_or_path:
-            raise UsageError(f"{adapter} does not name its base model: pass --model")
-        name, gguf_file = recorded.base_model_name_or_path, recorded.gguf_file
+        directory = resolve_adapter_dir(adapter)
+        try:
+            recorded = recorded_base(read_config(directory, args.ignore_base_mismatch), directory)
+        except ValueError as err:
+            raise UsageError(f"{err}: pass --model") from None
+        name, gguf_file = recorded["name_or_path"], recorded.get("gguf_file")
     placement = {"device_map": args.device_map, "offload_folder": args.offload_folder} if args.device_map else {}
     base, tokenizer = load_model(name or "smollm2-135m", gguf_file=gguf_file, device=args.device,
                                  dtype=getattr(torch, args.precision), **placement)
@@ -280,8 +289,20 @@ def cmd_eval(args) -> int:
 
 
 def cmd_stats(args) -> int:
+    import os
+
     from .. import EncoreConfig, get_encore_model
 
+    main_process = True
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Started by `accelerate launch` / `torchrun`: join their process group; each process reads its share of
+        # the corpus on its own device and the sums are all-reduced (editing/stats.py).
+        from accelerate import PartialState
+
+        state = PartialState()
+        if args.device is None and state.device.type != "cpu":
+            args.device = str(state.device)
+        main_process = state.is_main_process
     base, tokenizer = _load(args)
     overrides = {"stats_n_tokens": args.tokens} if args.tokens else {}
     model = get_encore_model(base, EncoreConfig(layers=args.layers, **overrides), tokenizer=tokenizer)
@@ -289,7 +310,9 @@ def cmd_stats(args) -> int:
     if corpus is None:
         raise UsageError("no --corpus given and the shared WikiText-2 corpus is not there")
     start = time.perf_counter()
-    stats = model.base_model.compute_statistics(corpus, progress=not args.quiet)
+    stats = model.base_model.compute_statistics(corpus, progress=not args.quiet and main_process)
+    if not main_process:
+        return 0
     refs = model.base_model.edit_states["default"].stats_refs
     rows = [[layer, tuple(s.c0.shape), s.n_tokens, refs[layer]["cache_key"]] for layer, s in stats.items()]
     print(_table(["layer", "C₀ shape", "tokens", "cache key"], rows))
@@ -437,6 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=positive_int, default=None, help="only the first N requests")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any EncoreConfig setting")
     p.add_argument("--corpus", default=None, help="text file(s) for C₀ (default: ../shared WikiText-2 if present)")
+    p.add_argument("--corpus-dataset", default=None, metavar="NAME[:CONFIG[:SPLIT]]",
+                   help="a dataset for C₀, streamed as far as the token budget (needs the datasets extra)")
     p.add_argument("--delta-dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default=None,
                    help="edit through plain prompts or the tokenizer's chat template (default: plain, or the "
@@ -471,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p, adapter_flag=False)
     p.add_argument("--layers", type=non_negative_int, nargs="+", default=None)
     p.add_argument("--corpus", default=None)
+    p.add_argument("--corpus-dataset", default=None, metavar="NAME[:CONFIG[:SPLIT]]")
     p.add_argument("--tokens", type=positive_int, default=None)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_stats)

@@ -26,7 +26,21 @@ from .tracing import ModelAccess, pad_right
 
 logger = logging.getLogger(__name__)
 
-Corpus = Union[None, str, os.PathLike, Sequence[str], "datasets.Dataset"]  # noqa: F821
+
+
+@dataclass(frozen=True)
+class DatasetCorpus:
+    """A dataset named as ``datasets.load_dataset`` takes it (``"wikitext"``, ``"wikitext-103-raw-v1"``,
+    ``"train"``), read as a stream: only the texts the token budget needs are downloaded and tokenised."""
+
+    name: str
+    config: str | None = None
+    split: str = "train"
+    text_column: str = "text"
+
+
+Corpus = Union[None, str, os.PathLike, Sequence[str], DatasetCorpus, "datasets.Dataset",  # noqa: F821
+               "datasets.IterableDataset"]  # noqa: F821
 
 
 @dataclass(frozen=True)
@@ -44,10 +58,45 @@ def _content_id(texts: Sequence[str]) -> str:
     return digest.hexdigest()[:24]
 
 
-def read_corpus(corpus: Corpus) -> CorpusTexts:
-    """Texts from a file or directory of ``.txt`` files (one paragraph per non-empty line), a list of strings, or a
-    ``datasets`` dataset with a ``text`` column."""
-    if isinstance(corpus, (str, os.PathLike)):
+def _is_stream(corpus: object) -> bool:
+    return type(corpus).__name__ == "IterableDataset"
+
+
+def _streamed_texts(rows: Iterable, column: str, tokenizer, n_tokens: int) -> list[str]:
+    """Texts from ``rows`` (mappings) in order, until their tokens reach ``n_tokens``: the rest is never read."""
+    if tokenizer is None or n_tokens is None:
+        raise ValueError("a streaming statistics corpus is read up to the token budget: it needs the tokenizer")
+    texts, counted = [], 0
+    for row in rows:
+        if column not in row:
+            raise ValueError(f"the statistics dataset needs a {column!r} column, has {sorted(row)}")
+        text = row[column]
+        if text and text.strip():
+            texts.append(text.strip())
+            counted += len(tokenizer(text.strip())["input_ids"])
+            if counted >= n_tokens:
+                break
+    return texts
+
+
+def read_corpus(corpus: Corpus, tokenizer=None, n_tokens: int | None = None) -> CorpusTexts:
+    """Texts from a file or directory of ``.txt`` files (one paragraph per non-empty line), a list of strings, a
+    ``datasets`` dataset with a ``text`` column, or — read only as far as ``n_tokens`` tokens of ``tokenizer`` — a
+    streaming ``datasets.IterableDataset`` or a :class:`DatasetCorpus` (loaded with ``streaming=True``)."""
+    if isinstance(corpus, DatasetCorpus):
+        try:
+            from datasets import load_dataset
+        except ImportError as err:
+            raise ImportError("a statistics corpus named as a dataset needs the datasets package "
+                              "(pip install 'hf_encore[datasets]')") from err
+        stream = load_dataset(corpus.name, corpus.config, split=corpus.split, streaming=True)
+        texts = _streamed_texts(stream, corpus.text_column, tokenizer, n_tokens)
+        description = f"dataset {corpus.name} ({corpus.config or 'default'}, {corpus.split}), first {len(texts)} texts"
+    elif _is_stream(corpus):
+        texts = _streamed_texts(corpus, "text", tokenizer, n_tokens)
+        name = getattr(getattr(corpus, "info", None), "dataset_name", None) or "streaming dataset"
+        description = f"{name}, first {len(texts)} texts"
+    elif isinstance(corpus, (str, os.PathLike)):
         path = Path(corpus)
         files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
         if not files or not all(f.is_file() for f in files):
@@ -125,10 +174,16 @@ def second_moments(
     progress: bool = True,
 ) -> tuple[dict[int, torch.Tensor], int]:
     """C₀ per layer [d_k, d_k] (float64) over every non-pad token of ``chunks``, in one pass per batch that stops
-    after the deepest layer. Returns ``({layer: C₀}, N_tokens)``."""
+    after the deepest layer. Returns ``({layer: C₀}, N_tokens)``.
+
+    Under ``torch.distributed`` (``accelerate launch``, ``torchrun``) with several processes, each process reads
+    every world-size-th chunk and the sums and counts are all-reduced: every process returns the C₀ of all the
+    chunks, equal to one process's to float rounding."""
     sums: dict[int, torch.Tensor] = {}
     count = 0
-    per_batch = max(1, max_tokens // max(len(c) for c in chunks))
+    rank, world = _distributed()
+    chunks = chunks[rank::world]
+    per_batch = max(1, max_tokens // max(len(c) for c in chunks)) if chunks else 1
     bar = tqdm(total=sum(len(c) for c in chunks), desc="second-moment statistics", unit="tok",
                disable=not progress, leave=False)
     for start in range(0, len(chunks), per_batch):
@@ -146,7 +201,41 @@ def second_moments(
         count += int(mask.sum())
         bar.update(int(mask.sum()))
     bar.close()
+    if world > 1:
+        count = _all_reduce_sums(sums, layers, access, count)
     return {layer: s.div_(count) for layer, s in sums.items()}, count
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) of an initialised ``torch.distributed`` process group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a ``torch.distributed`` group, or the only process."""
+    return _distributed()[0] == 0
+
+
+def _all_reduce_sums(sums: dict[int, torch.Tensor], layers: Sequence[int], access: ModelAccess, count: int) -> int:
+    """Sum every process's Σkkᵀ (in place) and token count; returns the total count. Gloo reduces host tensors,
+    NCCL device tensors: the sums travel through the device the backend needs."""
+    import torch.distributed as dist
+
+    device = access.block_device(layers[0]) if dist.get_backend() == "nccl" else torch.device("cpu")
+    total = torch.tensor([count], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    for layer in layers:
+        if layer not in sums:  # a process with no chunks contributes zeros
+            d_k = access.w_out(layer).in_features
+            sums[layer] = torch.zeros(d_k, d_k, dtype=torch.float64)
+        reduced = sums[layer].to(device)
+        dist.all_reduce(reduced)
+        sums[layer] = reduced.cpu() if reduced is not sums[layer] else reduced
+    return int(total.item())
 
 
 def stats_cache_key(model_fingerprint: str, layer: int, module: str, corpus_id: str, n_tokens: int,

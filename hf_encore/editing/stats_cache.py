@@ -22,6 +22,7 @@ from .state import EditState, LayerStatistics
 from .stats import (
     Corpus,
     generated_corpus,
+    is_main_process,
     load_cached,
     packed_chunks,
     read_corpus,
@@ -74,7 +75,7 @@ class StatisticsCache:
         d_k = access.w_out(config.layers[0]).in_features
         n_tokens = config.stats_n_tokens or max(10_000, 10 * d_k)
         recorded = [state.stats_refs.get(layer) for layer in config.layers]
-        texts = read_corpus(corpus) if corpus is not None else None
+        texts = read_corpus(corpus, tokenizer, n_tokens) if corpus is not None else None
         resumed = texts is None and all(recorded)
         if resumed:
             # A resumed adapter keeps using the statistics its earlier edits were solved with.
@@ -114,8 +115,9 @@ class StatisticsCache:
                 # Rounded to the float32 the cache stores, so a resumed run sees exactly the same C₀ (and the
                 # float64 sum is freed before the next layer's is rounded).
                 c0 = moments.pop(layer).float()
-                save_cached(self.path(keys[layer]), c0,
-                            {**meta, "layer": str(layer), "n_tokens": str(counted), "corpus": texts.description})
+                if is_main_process():  # under torch.distributed every process holds the same C₀; one writes it
+                    save_cached(self.path(keys[layer]), c0,
+                                {**meta, "layer": str(layer), "n_tokens": str(counted), "corpus": texts.description})
                 found[layer] = self.loaded[keys[layer]] = LayerStatistics(c0, counted)
         for layer in config.layers:
             state.stats_refs[layer] = {"cache_key": keys[layer], "corpus_id": corpus_id, "n_tokens": n_tokens}
