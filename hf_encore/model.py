@@ -115,10 +115,12 @@ class EncoreModel(BaseTuner):
         if self.tokenizer is None:
             from .loading import load_tokenizer
 
-            source = getattr(self.model, "name_or_path", None)
+            builtin = getattr(self.model, "hf_encore_builtin", None)  # its name_or_path is the Hub id it copies
+            source = builtin or getattr(self.model, "name_or_path", None)
             if not source:
                 raise ValueError("No tokenizer: pass tokenizer= to get_encore_model or edit()")
-            self.__dict__["tokenizer"] = load_tokenizer(source, gguf_file=getattr(self.model, "gguf_file", None))
+            gguf_file = None if builtin else getattr(self.model, "gguf_file", None)
+            self.__dict__["tokenizer"] = load_tokenizer(source, gguf_file=gguf_file)
         tok = self.tokenizer
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token

@@ -80,8 +80,9 @@ def test_an_adapter_on_a_builtin_records_its_hub_id_and_reloads_by_name_anywhere
     converted = save_tiny_model(tmp_path / "converted")
     monkeypatch.setattr(loading, "ensure_builtin", lambda name: converted)
     base, tokenizer = loading.load_model("fake-model")
+    # No tokenizer given: it is loaded from the built-in by name (the model's name_or_path is the Hub id).
     model = hf_encore.get_encore_model(base, hf_encore.EncoreConfig(layers=list(TINY_LAYERS), **TINY_EDIT),
-                                       tokenizer=tiny_tokenizer(), corpus=TINY_CORPUS)
+                                       corpus=TINY_CORPUS)
     model.edit([{"prompt": "{} plays the sport of", "subject": "LeBron James", "target_new": "football"}],
                progress=False)
     model.save_pretrained(tmp_path / "adapter")

@@ -291,18 +291,20 @@ def cmd_eval(args) -> int:
 def cmd_stats(args) -> int:
     import os
 
+    import torch
+    import torch.distributed as dist
+
     from .. import EncoreConfig, get_encore_model
+    from ..editing.stats import is_main_process
 
-    main_process = True
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Started by `accelerate launch` / `torchrun`: join their process group; each process reads its share of
-        # the corpus on its own device and the sums are all-reduced (editing/stats.py).
-        from accelerate import PartialState
-
-        state = PartialState()
-        if args.device is None and state.device.type != "cpu":
-            args.device = str(state.device)
-        main_process = state.is_main_process
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        # Started by `accelerate launch` / `torchrun` (their environment names the group): each process reads its
+        # share of the corpus on its own GPU, or the CPU, and the sums are all-reduced (editing/stats.py).
+        gpu = torch.cuda.is_available()
+        dist.init_process_group("nccl" if gpu else "gloo")
+        if gpu and args.device is None:
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    main_process = is_main_process()
     base, tokenizer = _load(args)
     overrides = {"stats_n_tokens": args.tokens} if args.tokens else {}
     model = get_encore_model(base, EncoreConfig(layers=args.layers, **overrides), tokenizer=tokenizer)
