@@ -28,10 +28,11 @@ import torch
 
 from hf_encore import EncoreConfig, get_encore_model, load_model
 from hf_encore.apps.options import parse_settings
+from hf_encore.editing.corpus import packed_chunks, read_corpus
 from hf_encore.editing.pipeline import FAST_STEPS
 from hf_encore.editing.reference import REFERENCE_STEPS, reference_second_moments
 from hf_encore.editing.requests import parse_requests, prepare_requests
-from hf_encore.editing.stats import packed_chunks, read_corpus, second_moments
+from hf_encore.editing.stats import second_moments
 from hf_encore.editing.tracing import ModelAccess
 from hf_encore.evaluation import counterfact_scores
 from hf_encore.layer import Linear

@@ -15,12 +15,12 @@ from peft.tuners.tuners_utils import BaseTuner
 
 from .architectures import MODEL_LAYOUTS, ModelLayout, get_blocks, layers_for, resolve_layout, target_module_regex
 from .config import EncoreConfig
+from .editing.corpus import Corpus
 from .editing.pipeline import FAST_STEPS, EditSteps, edit_batch
 from .editing.prompt_format import prompt_format
 from .editing.report import EditReport
 from .editing.requests import EditRequest, parse_requests, prepare_requests
 from .editing.state import EditState, LayerStatistics
-from .editing.stats import Corpus
 from .editing.stats_cache import StatisticsCache
 from .editing.tracing import ModelAccess
 from .fingerprint import combined_fingerprint, measure_base, record_or_check_base

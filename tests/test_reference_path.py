@@ -14,6 +14,7 @@ import torch
 
 from hf_encore import EncoreConfig, get_encore_model
 from hf_encore.architectures import resolve_layout
+from hf_encore.editing.corpus import packed_chunks
 from hf_encore.editing.keys import key_pass_inputs, keys_and_outputs
 from hf_encore.editing.pipeline import target_settings
 from hf_encore.editing.reference import (
@@ -24,7 +25,7 @@ from hf_encore.editing.reference import (
     reference_second_moments,
 )
 from hf_encore.editing.requests import parse_requests, prepare_requests
-from hf_encore.editing.stats import packed_chunks, second_moments
+from hf_encore.editing.stats import second_moments
 from hf_encore.editing.targets import optimise_targets
 from hf_encore.editing.tracing import ModelAccess
 

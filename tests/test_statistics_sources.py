@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from hf_encore import EncoreConfig, get_encore_model
-from hf_encore.editing.stats import DatasetCorpus, packed_chunks, read_corpus, second_moments
+from hf_encore.editing.corpus import DatasetCorpus, packed_chunks, read_corpus
+from hf_encore.editing.stats import second_moments
 from hf_encore.editing.tracing import ModelAccess
 
 from tiny_models import TINY_CORPUS, TINY_EDIT, TINY_LAYERS, tiny_llama, tiny_tokenizer
@@ -70,7 +71,8 @@ import sys, torch, torch.distributed as dist
 sys.path.insert(0, {tests!r})
 from tiny_models import tiny_llama, tiny_tokenizer, TINY_CORPUS, TINY_LAYERS
 from hf_encore.architectures import resolve_layout
-from hf_encore.editing.stats import packed_chunks, second_moments
+from hf_encore.editing.corpus import packed_chunks
+from hf_encore.editing.stats import second_moments
 from hf_encore.editing.tracing import ModelAccess
 rank = int(sys.argv[1])
 dist.init_process_group("gloo", init_method="file://{rendezvous}", rank=rank, world_size=2)

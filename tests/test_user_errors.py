@@ -301,7 +301,7 @@ def test_other_encodings_are_named_with_the_fix(tmp_path, data, fragment):
 
 
 def test_counterfact_and_corpus_use_the_same_reader(tmp_path):
-    from hf_encore.editing.stats import read_corpus
+    from hf_encore.editing.corpus import read_corpus
 
     latin = tmp_path / "cf.json"
     latin.write_bytes(json.dumps([{"prompt": "x é", "subject": "x", "target_new": "y", "ground_truth": "z"}],

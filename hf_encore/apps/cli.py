@@ -58,7 +58,7 @@ def _corpus(args) -> Any:
     """--corpus, or --corpus-dataset (streamed), else the shared WikiText-2 if it is there (else ``None``:
     model-generated text, with a warning)."""
     from ..data import data_dir
-    from ..editing.stats import DatasetCorpus
+    from ..editing.corpus import DatasetCorpus
 
     if getattr(args, "corpus_dataset", None):
         if getattr(args, "corpus", None):

@@ -18,18 +18,9 @@ from pathlib import Path
 from typing import Callable, ContextManager
 
 from ..config import EncoreConfig
+from .corpus import Corpus, generated_corpus, packed_chunks, read_corpus
 from .state import EditState, LayerStatistics
-from .stats import (
-    Corpus,
-    generated_corpus,
-    is_main_process,
-    load_cached,
-    packed_chunks,
-    read_corpus,
-    save_cached,
-    second_moments,
-    stats_cache_key,
-)
+from .stats import is_main_process, load_cached, save_cached, second_moments, stats_cache_key
 from .tracing import ModelAccess
 
 logger = logging.getLogger(__name__)

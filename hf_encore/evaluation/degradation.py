@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..editing.stats import packed_chunks
+from ..editing.corpus import packed_chunks
 from ..editing.tracing import MAX_LOGITS, ModelAccess, chunk_by_tokens, lm_parts, pad_right, token_log_probs
 from ..layer import Linear
 from ..placement import input_device

@@ -1,0 +1,159 @@
+"""The generic text C₀ is measured on (docs/algorithm.md §5): files, lists of strings, ``datasets`` datasets,
+streaming datasets and datasets named for ``load_dataset`` (read only as far as the token budget), or text the
+model generates when none is given; and its packing into token sequences."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence, Union
+
+import torch
+from tqdm.auto import tqdm
+
+from ..placement import input_device
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DatasetCorpus:
+    """A dataset named as ``datasets.load_dataset`` takes it (``"wikitext"``, ``"wikitext-103-raw-v1"``,
+    ``"train"``), read as a stream: only the texts the token budget needs are downloaded and tokenised."""
+
+    name: str
+    config: str | None = None
+    split: str = "train"
+    text_column: str = "text"
+
+
+Corpus = Union[None, str, os.PathLike, Sequence[str], DatasetCorpus, "datasets.Dataset",  # noqa: F821
+               "datasets.IterableDataset"]  # noqa: F821
+
+
+@dataclass(frozen=True)
+class CorpusTexts:
+    texts: list[str]
+    corpus_id: str  # content hash: the same texts give the same id wherever they come from
+    description: str
+
+
+def _content_id(texts: Sequence[str]) -> str:
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode("utf-8"))
+        digest.update(b"\0")
+    return digest.hexdigest()[:24]
+
+
+def _is_stream(corpus: object) -> bool:
+    return type(corpus).__name__ == "IterableDataset"
+
+
+def _streamed_texts(rows: Iterable, column: str, tokenizer, n_tokens: int) -> list[str]:
+    """Texts from ``rows`` (mappings) in order, until their tokens reach ``n_tokens``: the rest is never read."""
+    if tokenizer is None or n_tokens is None:
+        raise ValueError("a streaming statistics corpus is read up to the token budget: it needs the tokenizer")
+    texts, counted = [], 0
+    for row in rows:
+        if column not in row:
+            raise ValueError(f"the statistics dataset needs a {column!r} column, has {sorted(row)}")
+        text = row[column]
+        if text and text.strip():
+            texts.append(text.strip())
+            counted += len(tokenizer(text.strip())["input_ids"])
+            if counted >= n_tokens:
+                break
+    return texts
+
+
+def read_corpus(corpus: Corpus, tokenizer=None, n_tokens: int | None = None) -> CorpusTexts:
+    """Texts from a file or directory of ``.txt`` files (one paragraph per non-empty line), a list of strings, a
+    ``datasets`` dataset with a ``text`` column, or — read only as far as ``n_tokens`` tokens of ``tokenizer`` — a
+    streaming ``datasets.IterableDataset`` or a :class:`DatasetCorpus` (loaded with ``streaming=True``)."""
+    if isinstance(corpus, DatasetCorpus):
+        try:
+            from datasets import load_dataset
+        except ImportError as err:
+            raise ImportError("a statistics corpus named as a dataset needs the datasets package "
+                              "(pip install 'hf_encore[datasets]')") from err
+        stream = load_dataset(corpus.name, corpus.config, split=corpus.split, streaming=True)
+        texts = _streamed_texts(stream, corpus.text_column, tokenizer, n_tokens)
+        description = f"dataset {corpus.name} ({corpus.config or 'default'}, {corpus.split}), first {len(texts)} texts"
+    elif _is_stream(corpus):
+        texts = _streamed_texts(corpus, "text", tokenizer, n_tokens)
+        name = getattr(getattr(corpus, "info", None), "dataset_name", None) or "streaming dataset"
+        description = f"{name}, first {len(texts)} texts"
+    elif isinstance(corpus, (str, os.PathLike)):
+        path = Path(corpus)
+        files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
+        if not files or not all(f.is_file() for f in files):
+            raise FileNotFoundError(f"statistics corpus not found: {path}")
+        from ..data import read_user_text  # UTF-8 with or without a BOM, else an error naming the file
+
+        texts = [line.strip() for f in files for line in read_user_text(f).splitlines()]
+        # WikiText headings (" = Title = ") are not running text.
+        texts = [t for t in texts if t and not (t.startswith("=") and t.endswith("="))]
+        description = ", ".join(f.name for f in files)
+    elif hasattr(corpus, "column_names"):
+        if "text" not in corpus.column_names:
+            raise ValueError(f"the statistics dataset needs a 'text' column, has {corpus.column_names}")
+        texts = [t for t in corpus["text"] if t and t.strip()]
+        description = f"dataset {getattr(corpus, 'info', None) and corpus.info.dataset_name}"
+    elif isinstance(corpus, Sequence) and all(isinstance(t, str) for t in corpus):
+        texts = [t for t in corpus if t.strip()]
+        description = f"{len(texts)} texts"
+    else:
+        raise TypeError(f"unsupported statistics corpus: {type(corpus).__name__}")
+    if not texts:
+        raise ValueError("the statistics corpus holds no text")
+    return CorpusTexts(texts, _content_id(texts), description)
+
+
+@torch.no_grad()
+def generated_corpus(lm, tokenizer, n_tokens: int, seed: int = 0, batch: int = 16, length: int = 128) -> CorpusTexts:
+    """Model-generated text, for when the user gives no corpus (sampled, seeded)."""
+    logger.warning("No statistics corpus given: generating %d tokens of text with the model itself for C₀. "
+                   "Pass a corpus of real text (e.g. Wikipedia) for better statistics.", n_tokens)
+    device = input_device(lm)
+    starts = ["The", "In", "A", "It", "This", "When", "He", "She", "After", "According to", "One", "There"]
+    texts: list[str] = []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    bar = tqdm(total=n_tokens, desc="generating text for C₀", leave=False)
+    produced = 0
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):  # sampling runs on the lm_head's GPU
+        torch.manual_seed(seed)
+        while produced < n_tokens:
+            for start in starts[: batch]:
+                enc = tokenizer(start, return_tensors="pt").to(device)
+                out = lm.generate(**enc, do_sample=True, top_k=50, top_p=1.0, temperature=1.0,
+                                  max_new_tokens=length, pad_token_id=pad)
+                texts.append(tokenizer.decode(out[0], skip_special_tokens=True))
+                produced += out.shape[1]
+                bar.update(out.shape[1])
+                if produced >= n_tokens:
+                    break
+    bar.close()
+    return CorpusTexts(texts, f"generated-{seed}-{n_tokens}", "model-generated text")
+
+
+def packed_chunks(tokenizer, texts: Iterable[str], n_tokens: int, seq_len: int) -> list[list[int]]:
+    """Tokenise texts in order and cut them into sequences of at most ``seq_len`` tokens, ``n_tokens`` in all."""
+    chunks: list[list[int]] = []
+    total = 0
+    for text in texts:
+        ids = tokenizer(text)["input_ids"]
+        for start in range(0, len(ids), seq_len):
+            piece = ids[start: start + seq_len][: n_tokens - total]
+            if len(piece) < 2:
+                continue
+            chunks.append(piece)
+            total += len(piece)
+            if total >= n_tokens:
+                return chunks
+    if total < n_tokens:
+        logger.warning("The statistics corpus has only %d tokens (%d asked for)", total, n_tokens)
+    return chunks
