@@ -108,3 +108,22 @@ print("ok")
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+@pytest.mark.slow  # the real model: knowledge edits have the delta ranks LoRA export is for
+def test_lora_export_of_real_edits_reproduces_the_adapter(smollm2_dir, smollm2, tokenizer, cases, corpus_path,
+                                                          tmp_path):
+    from hf_encore.loading import load_model
+
+    model = get_encore_model(smollm2, EncoreConfig(), tokenizer=tokenizer, corpus=corpus_path)
+    requests = [{k: c[k] for k in ("prompt", "subject", "target_new")} for c in cases[:10]]
+    model.edit(requests[:5], progress=False)
+    model.edit(requests[5:], progress=False)
+    report = model.to_lora(tmp_path / "lora")
+    assert all(x.rank == x.numerical_rank <= 10 and x.relative_error < 1e-5 for x in report)
+    prompts = [c["prompt"].replace("{}", c["subject"]) for c in cases[:10]]
+    lora = PeftModel.from_pretrained(load_model(str(smollm2_dir))[0], tmp_path / "lora")
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = tokenizer(prompt, return_tensors="pt").input_ids
+            torch.testing.assert_close(lora(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
