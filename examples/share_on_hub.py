@@ -3,7 +3,8 @@
     python examples/share_on_hub.py --repo-id me/sports-edits [--private] [--endpoint URL]
 
 Anyone can then use the edits with ``hf_encore.from_pretrained(None, "me/sports-edits")`` (the base model is read
-from the adapter config), or with plain PEFT: ``AutoPeftModelForCausalLM.from_pretrained("me/sports-edits")``.
+from the adapter config; this one, made on the built-in SmolLM2, by its built-in name), or with plain PEFT:
+``PeftModel.from_pretrained(base, "me/sports-edits")``.
 """
 
 import argparse

@@ -81,6 +81,9 @@ class EncoreModel(BaseTuner):
             config.gguf_file = getattr(model, "gguf_file", None)
         if config.base_model_builtin is None:
             config.base_model_builtin = getattr(model, "hf_encore_builtin", None)
+        if config.base_model_name_or_path is None:
+            # PEFT fills this in only when saving; recorded now, the adapter names its base from the start.
+            config.base_model_name_or_path = model.__dict__.get("name_or_path") or None
         record_or_check_base(config, adapter_name, measured)
         self.edit_states[adapter_name] = EditState()
 
