@@ -92,7 +92,7 @@ def _all_reduce_sums(sums: dict[int, torch.Tensor], layers: Sequence[int], acces
             sums[layer] = torch.zeros(d_k, d_k, dtype=torch.float64)
         reduced = sums[layer].to(device)
         dist.all_reduce(reduced)
-        sums[layer] = reduced.cpu() if reduced is not sums[layer] else reduced
+        sums[layer] = reduced.cpu()  # the same tensor on gloo (already on the host)
     return int(total.item())
 
 
