@@ -59,3 +59,25 @@ def test_edit_runs_on_gpt2_with_generated_corpus(tiny_gpt2, tokenizer, caplog, t
     assert len(list((tmp_path / "stats").glob("*.safetensors"))) == 2  # one cached C₀ per edited layer
     assert report.requests[0].p_target_after > 1.2 * report.requests[0].p_target_before
     assert [lay.layer for lay in report.layers] == [1, 2]
+
+
+def test_generated_corpus_samples_whole_batches_reproducibly(tiny_gpt2, tokenizer):
+    from hf_encore.editing.corpus import generated_corpus, generated_corpus_id
+
+    calls = []
+    generate = tiny_gpt2.generate
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["input_ids"].shape[0])
+        return generate(*args, **kwargs)
+
+    tiny_gpt2.generate = counted
+    first = generated_corpus(tiny_gpt2, tokenizer, 300, seed=1, batch=6, length=20)
+    assert calls and set(calls) == {6}  # batches of sequences, not one sequence per call
+    assert sum(len(tokenizer(t)["input_ids"]) for t in first.texts) >= 300 - len(first.texts)  # decode may merge
+    assert len(first.texts) == 6 * len(calls) and len(set(first.texts)) > 1
+    # Each text starts with its opening, none carries padding or an end-of-text token.
+    assert all("<|endoftext|>" not in t for t in first.texts)
+    assert first.corpus_id == generated_corpus_id(1, 300)
+    assert generated_corpus(tiny_gpt2, tokenizer, 300, seed=1, batch=6, length=20).texts == first.texts
+    assert generated_corpus(tiny_gpt2, tokenizer, 300, seed=2, batch=6, length=20).texts != first.texts

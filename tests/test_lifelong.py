@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_encore.apps.lifelong import EvalSettings, LifelongSettings, is_eval_point, method_config, parse_args, run
+from hf_encore.apps.lifelong import (
+    EvalSettings,
+    LifelongSettings,
+    choose_edits,
+    is_eval_point,
+    method_config,
+    parse_args,
+    run,
+)
 
 
 def facts_the_model_knows(model_dir: Path, shared_data: Path, out: Path, count: int = 8) -> Path:
@@ -155,3 +163,16 @@ def test_an_interrupted_evaluation_continues_from_the_measures_it_finished(tmp_p
     calls.clear()  # other settings: nothing in the checkpoint is theirs
     evaluate_point(None, None, ev=EvalSettings(downstream_tasks=("sst2", "rte"), downstream_items=50), **kwargs)
     assert calls == ["sst2", "rte", "perplexity", "retained", "edits"]
+
+
+def test_edits_drawn_from_the_probe_file_never_include_a_probe_fact():
+    cases = [{"case_id": i} for i in range(10)]
+    probe = [cases[i] for i in (1, 4, 7)]
+    chosen = choose_edits(cases, probe, 7, seed=0)
+    assert sorted(c["case_id"] for c in chosen) == [0, 2, 3, 5, 6, 8, 9]
+    with pytest.raises(ValueError, match="7 cases that are not probe facts; 8 edits"):
+        choose_edits(cases, probe, 8, seed=0)
+    # Disjoint probe (the reported runs): the same draw as before probe facts were excluded.
+    import random
+
+    assert choose_edits(cases, [{"case_id": 99}], 5, seed=3) == [cases[i] for i in random.Random(3).sample(range(10), 5)]

@@ -30,6 +30,8 @@ from ..jsonl import append_jsonl, read_jsonl, write_jsonl  # standard library on
 
 logger = logging.getLogger(__name__)
 
+GENERATED = "generated"  # --corpus value: C₀ from model-generated text, as get_encore_model does without a corpus
+
 
 @dataclass
 class EvalSettings:
@@ -50,7 +52,8 @@ class LifelongSettings:
     methods: tuple[str, ...] = ("memit", "alphaedit", "encore")
     data: str | None = None  # CounterFact file of edits (default: counterfact-edit.json)
     probe_data: str | None = None  # disjoint CounterFact file for retained knowledge (default: counterfact-train)
-    corpus: str | None = None  # statistics corpus (default: wikitext-2-valid); perplexity uses wikitext-2-test
+    corpus: str | None = None  # statistics corpus (default: wikitext-2-valid; GENERATED: text the model generates);
+    # perplexity uses wikitext-2-test
     perplexity_text: str | None = None
     downstream_dir: str | None = None
     edits: int = 1000
@@ -87,9 +90,23 @@ def _paths(settings: LifelongSettings):
     root = data_dir()
     return (Path(settings.data or root / "counterfact" / "counterfact-edit.json"),
             Path(settings.probe_data or root / "counterfact" / "counterfact-train.json"),
-            Path(settings.corpus or root / "corpus" / "wikitext-2-valid.txt"),
+            None if settings.corpus == GENERATED else Path(settings.corpus or root / "corpus" / "wikitext-2-valid.txt"),
             Path(settings.perplexity_text or root / "corpus" / "wikitext-2-test.txt"),
             Path(settings.downstream_dir or root / "downstream"))
+
+
+def choose_edits(cases: Sequence[dict], probe: Sequence[dict], count: int, seed: int, source: object = "the data"
+                 ) -> list[dict]:
+    """``count`` cases drawn (seeded) from ``cases``, never one of the ``probe`` facts.
+
+    Edits and probe may come from one file (an ablation on counterfact-train); with disjoint files (the reported
+    runs) nothing is removed, so the draw is the same as drawing from ``cases`` alone.
+    """
+    probed = {c["case_id"] for c in probe}
+    allowed = [c for c in cases if c["case_id"] not in probed]
+    if count > len(allowed):
+        raise ValueError(f"{source} has {len(allowed)} cases that are not probe facts; {count} edits asked for")
+    return [allowed[i] for i in random.Random(seed).sample(range(len(allowed)), count)]
 
 
 def perplexity_texts(path: Path) -> list[str]:
@@ -171,18 +188,8 @@ def run(settings: LifelongSettings, progress: bool = True) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     edits_path, probe_path, corpus, ppl_path, downstream_dir = _paths(settings)
     (out / "settings.json").write_text(json.dumps(asdict(settings), indent=1, default=str))
-    cases = load_counterfact(edits_path)
-    if settings.edits > len(cases):
-        raise ValueError(f"{edits_path} has {len(cases)} cases; {settings.edits} edits asked for")
-    rng = random.Random(settings.seed)
-    chosen = [cases[i] for i in rng.sample(range(len(cases)), settings.edits)]
     texts = perplexity_texts(ppl_path)
     ev = settings.evaluation
-    # One fixed order of the edits, the same for every method: the facts edited so far, in this order, give the
-    # evaluation sample (a prefix of it), and its first cases the fluency prompts.
-    order = random.Random(settings.seed + 1).sample(range(settings.edits), settings.edits)
-    fluency_prompts = [chosen[i]["prompt"].replace("{}", chosen[i]["subject"]) for i in order[: ev.fluency_sample]]
-
     base, tokenizer = load_model(settings.model, device=settings.device)
     probe_file = out / "probe_facts.json"
     if probe_file.is_file():
@@ -190,6 +197,12 @@ def run(settings: LifelongSettings, progress: bool = True) -> Path:
     else:
         probe = known_facts(base, tokenizer, load_counterfact(probe_path), ev.known_facts) if ev.known_facts else []
         probe_file.write_text(json.dumps(probe))
+    chosen = choose_edits(load_counterfact(edits_path), probe, settings.edits, settings.seed, edits_path)
+    # One fixed order of the edits, the same for every method: the facts edited so far, in this order, give the
+    # evaluation sample (a prefix of it), and its first cases the fluency prompts.
+    order = random.Random(settings.seed + 1).sample(range(settings.edits), settings.edits)
+    fluency_prompts = [chosen[i]["prompt"].replace("{}", chosen[i]["subject"]) for i in order[: ev.fluency_sample]]
+
     unedited_file = out / "unedited.json"
     if not unedited_file.is_file():
         logger.info("Evaluating the unedited model")
@@ -382,7 +395,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[LifelongSettings, boo
     parser.add_argument("--methods", nargs="+", default=list(d.methods))
     parser.add_argument("--data", default=None)
     parser.add_argument("--probe-data", default=None)
-    parser.add_argument("--corpus", default=None)
+    parser.add_argument("--corpus", default=None,
+                        help=f"statistics text (default: WikiText-2 valid); {GENERATED!r}: text the model generates")
     parser.add_argument("--edits", type=int, default=d.edits)
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--eval-every", type=int, default=d.eval_every)

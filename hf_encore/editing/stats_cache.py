@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, ContextManager
 
 from ..config import EncoreConfig
-from .corpus import Corpus, generated_corpus, packed_chunks, read_corpus
+from .corpus import Corpus, generated_corpus, generated_corpus_id, packed_chunks, read_corpus
 from .state import EditState, LayerStatistics
 from .stats import is_main_process, load_cached, save_cached, second_moments, stats_cache_key
 from .tracing import ModelAccess
@@ -73,7 +73,7 @@ class StatisticsCache:
             keys = {layer: ref["cache_key"] for layer, ref in zip(config.layers, recorded)}
             corpus_id = recorded[-1]["corpus_id"]
         else:
-            corpus_id = texts.corpus_id if texts else f"generated-{config.seed}-{n_tokens}"
+            corpus_id = texts.corpus_id if texts else generated_corpus_id(config.seed, n_tokens)
             keys = {layer: stats_cache_key(self.base_fingerprint, layer, mlp_out, corpus_id,
                                            n_tokens, config.stats_seq_len) for layer in config.layers}
             changed = [layer for layer, ref in zip(config.layers, recorded) if ref and ref["cache_key"] != keys[layer]]

@@ -1,0 +1,189 @@
+"""Which setting moves lifelong degradation: sequential ENCORE runs on counterfact-train, one factor at a time.
+
+    python benchmarks/degradation_ablation.py --model smollm2-135m --edits 300 --jobs 2 \\
+        --out runs/ablation-smollm2 --json docs/results/degradation-ablation-smollm2.json
+
+Each configuration is a lifelong run (``hf_encore.apps.lifelong``) of ``--edits`` sequential ENCORE edits drawn from
+counterfact-train, with perplexity (held-out WikiText-2 test), retained knowledge (200 counterfact-train facts the
+unedited model knew, never edited) and ES/PS/NS of the facts edited so far measured every ``--eval-every`` edits.
+The reported edit set (counterfact-edit) is never used. Downstream tasks and fluency are left out: they cost more
+than the edits here and the lifelong runs in docs/results.md measure them.
+
+Runs are resumable (run the same command again: each continues where it stopped) and ``--jobs`` of them run at
+once, each in its own process with one thread. ``--json`` collects every run's evaluations, and ``--plots`` draws
+perplexity and retained knowledge against edits for every configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hf_encore.jsonl import read_jsonl
+
+from common import data_path, machine, write_json
+
+# name → (EncoreConfig settings, lifelong options). The first is the defaults every other one changes one thing of.
+CONFIGURATIONS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "defaults": ({}, {}),
+    "c0-61k": ({"stats_n_tokens": 61_440}, {}),  # 4× the default 10·d_k statistics tokens
+    "c0-200k": ({"stats_n_tokens": 200_000}, {}),  # most of WikiText-2 valid
+    "generated-c0": ({}, {"corpus": "generated"}),  # the zero-configuration path: C₀ from model-generated text
+    "preservation-4": ({"preservation_weight": 4.0}, {}),
+    "norm-0.2": ({"norm_weight": 0.2}, {}),
+    "norm-0.01": ({"norm_weight": 0.01}, {}),
+    "layers-10": ({"layers": list(range(4, 14))}, {}),  # twice the default band 4-8, same start
+    "mpes-k0": ({"mpes_extra_steps": 0}, {}),
+    "batch-25": ({}, {"batch_size": 25}),
+}
+
+
+def command(name: str, args: argparse.Namespace) -> list[str]:
+    settings, options = CONFIGURATIONS[name] if name in CONFIGURATIONS else parse_combination(name)
+    train = str(data_path("counterfact", "counterfact-train.json"))
+    cmd = [sys.executable, "-m", "hf_encore.apps.lifelong", "--model", args.model, "--methods", "encore",
+           "--data", train, "--probe-data", train, "--edits", str(args.edits),
+           "--batch-size", str(options.get("batch_size", args.batch_size)), "--eval-every", str(args.eval_every),
+           "--out", str(Path(args.out) / name), "--tasks", "--fluency-sample", "0", "--no-progress"]
+    if "corpus" in options:
+        cmd += ["--corpus", options["corpus"]]
+    for key, value in settings.items():
+        cmd += ["--set", f"{key}={json.dumps(value)}"]
+    return cmd
+
+
+def parse_combination(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``"a+b"``: the settings of configurations ``a`` and ``b`` together."""
+    settings: dict[str, Any] = {}
+    options: dict[str, Any] = {}
+    for part in name.split("+"):
+        if part not in CONFIGURATIONS:
+            raise SystemExit(f"unknown configuration {part!r}; known: {', '.join(CONFIGURATIONS)}")
+        settings.update(CONFIGURATIONS[part][0])
+        options.update(CONFIGURATIONS[part][1])
+    return settings, options
+
+
+def run_all(names: list[str], args: argparse.Namespace) -> None:
+    """Run the configurations, ``args.jobs`` at a time, each logging to ``<out>/<name>.log``."""
+    pending = list(names)
+    running: dict[str, subprocess.Popen] = {}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            name = pending.pop(0)
+            log = open(Path(args.out) / f"{name}.log", "a")
+            print(f"starting {name}", flush=True)
+            running[name] = subprocess.Popen(command(name, args), stdout=log, stderr=subprocess.STDOUT, env=env)
+        time.sleep(5)
+        for name, proc in list(running.items()):
+            if proc.poll() is not None:
+                print(f"{name} ended with code {proc.returncode}", flush=True)
+                del running[name]
+
+
+def collect(names: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    runs = {}
+    for name in names:
+        folder = Path(args.out) / name
+        log = folder / "encore" / "log.jsonl"
+        if not log.is_file():
+            continue
+        records = read_jsonl(log)
+        unedited = json.loads((folder / "unedited.json").read_text())
+        batches = [r for r in records if r["kind"] == "batch"]
+        evals = [{"num_edits": r["num_edits"], "perplexity": r.get("perplexity"),
+                  "retained": r.get("retained_knowledge"),
+                  **{k: (r.get("edit_metrics") or {}).get(k) for k in ("ES", "PS", "NS", "S")},
+                  "max_norm_ratio": max((n["norm_ratio"] for n in (r.get("norms") or {}).values()), default=None)}
+                 for r in records if r["kind"] == "eval"]
+        settings, options = CONFIGURATIONS.get(name) or parse_combination(name)
+        runs[name] = {
+            "settings": settings, "options": options,
+            "unedited": {"perplexity": unedited["perplexity"], "retained": unedited["retained_knowledge"]},
+            "evaluations": evals,
+            "seconds_per_edit": (sum(b["seconds"]["total"] for b in batches) / batches[-1]["num_edits"]
+                                 if batches else None),
+            "z_steps_per_edit": sum(b["z_steps"] for b in batches) / batches[-1]["num_edits"] if batches else None,
+        }
+    return runs
+
+
+def table(runs: dict[str, Any]) -> str:
+    lines = ["| configuration | edits | perplexity (unedited) | retained | ES | PS | NS | S | max ‖W‖/‖W₀‖ | s/edit |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v, f="{:.3f}": f.format(v) if isinstance(v, (int, float)) else "–"  # noqa: E731
+    for name, run in runs.items():
+        last = run["evaluations"][-1] if run["evaluations"] else None
+        if not last:
+            continue
+        lines.append(f"| {name} | {last['num_edits']} | {fmt(last['perplexity'], '{:.2f}')} "
+                     f"({fmt(run['unedited']['perplexity'], '{:.2f}')}) | {fmt(last['retained'])} | {fmt(last['ES'])} "
+                     f"| {fmt(last['PS'])} | {fmt(last['NS'])} | {fmt(last['S'])} | {fmt(last['max_norm_ratio'])} "
+                     f"| {fmt(run['seconds_per_edit'], '{:.2f}')} |")
+    return "\n".join(lines)
+
+
+def plots(runs: dict[str, Any], folder: Path, model: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, run in runs.items():
+        points = [(e["num_edits"], e["perplexity"], e["retained"]) for e in run["evaluations"]]
+        if not points:
+            continue
+        edits, ppl, kept = zip(*points)
+        style = dict(marker="o", label=name, linewidth=2.5 if name == "defaults" else 1.2)
+        axes[0].plot(edits, ppl, **style)
+        axes[1].plot(edits, kept, **style)
+    axes[0].set_title(f"{model}: perplexity (WikiText-2 test)")
+    axes[1].set_title(f"{model}: retained known facts")
+    for ax in axes:
+        ax.set_xlabel("sequential ENCORE edits (counterfact-train)")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    folder.mkdir(parents=True, exist_ok=True)
+    fig.savefig(folder / f"degradation-ablation-{model}.png", dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGURATIONS),
+                        help="configuration names, or a+b for two together")
+    parser.add_argument("--edits", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--out", default="runs/ablation")
+    parser.add_argument("--json", default=None, help="collect every run's figures here")
+    parser.add_argument("--plots", default=None, help="folder for the plot")
+    parser.add_argument("--collect-only", action="store_true", help="only collect what the runs have measured")
+    args = parser.parse_args()
+    for name in args.configs:
+        command(name, args)  # an unknown name fails before anything runs
+    if not args.collect_only:
+        run_all(args.configs, args)
+    runs = collect(args.configs, args)
+    print(table(runs))
+    if args.json:
+        write_json(args.json, {"model": args.model, "edits": args.edits, "batch_size": args.batch_size,
+                               "eval_every": args.eval_every, "machine": machine(), "runs": runs,
+                               "command": " ".join(sys.argv)})
+    if args.plots:
+        plots(runs, Path(args.plots), args.model)
+
+
+if __name__ == "__main__":
+    main()
