@@ -5,7 +5,8 @@
 
 Each configuration is a lifelong run (``hf_encore.apps.lifelong``) of ``--edits`` sequential ENCORE edits drawn from
 counterfact-train, with perplexity (held-out WikiText-2 test), retained knowledge (200 counterfact-train facts the
-unedited model knew, never edited) and ES/PS/NS of the facts edited so far measured every ``--eval-every`` edits.
+unedited model knew, never edited) and ES/PS/NS of a sample of the facts edited so far measured every
+``--eval-every`` edits, and ES/PS/NS of every edited fact at the end.
 The reported edit set (counterfact-edit) is never used. Downstream tasks and fluency are left out: they cost more
 than the edits here and the lifelong runs in docs/results.md measure them.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -50,7 +52,8 @@ def command(name: str, args: argparse.Namespace) -> list[str]:
     cmd = [sys.executable, "-m", "hf_encore.apps.lifelong", "--model", args.model, "--methods", "encore",
            "--data", train, "--probe-data", train, "--edits", str(args.edits),
            "--batch-size", str(options.get("batch_size", args.batch_size)), "--eval-every", str(args.eval_every),
-           "--out", str(Path(args.out) / name), "--tasks", "--fluency-sample", "0", "--no-progress"]
+           "--out", str(Path(args.out) / name), "--tasks", "--fluency-sample", "0", "--no-progress",
+           "--perplexity-tokens", str(args.perplexity_tokens), "--edited-sample", str(args.edited_sample)]
     if "corpus" in options:
         cmd += ["--corpus", options["corpus"]]
     for key, value in settings.items():
@@ -70,15 +73,30 @@ def parse_combination(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return settings, options
 
 
+SHARED = ("probe_facts.json", "unedited.json")  # the same for every configuration: measured once
+
+
 def run_all(names: list[str], args: argparse.Namespace) -> None:
-    """Run the configurations, ``args.jobs`` at a time, each logging to ``<out>/<name>.log``."""
+    """Run the configurations, ``args.jobs`` at a time, each logging to ``<out>/<name>.log``.
+
+    The first configuration runs alone until it has chosen the probe facts and measured the unedited model; the
+    others start from copies of those files instead of measuring the same model again.
+    """
     pending = list(names)
     running: dict[str, subprocess.Popen] = {}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    first = Path(args.out) / names[0]
     Path(args.out).mkdir(parents=True, exist_ok=True)
     while pending or running:
-        while pending and len(running) < args.jobs:
+        shared_ready = all((first / f).is_file() for f in SHARED)
+        while pending and len(running) < args.jobs and (shared_ready or not running):
             name = pending.pop(0)
+            folder = Path(args.out) / name
+            if shared_ready and folder != first:
+                folder.mkdir(exist_ok=True)
+                for f in SHARED:
+                    if not (folder / f).is_file():
+                        shutil.copyfile(first / f, folder / f)
             log = open(Path(args.out) / f"{name}.log", "a")
             print(f"starting {name}", flush=True)
             running[name] = subprocess.Popen(command(name, args), stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -104,11 +122,15 @@ def collect(names: list[str], args: argparse.Namespace) -> dict[str, Any]:
                   **{k: (r.get("edit_metrics") or {}).get(k) for k in ("ES", "PS", "NS", "S")},
                   "max_norm_ratio": max((n["norm_ratio"] for n in (r.get("norms") or {}).values()), default=None)}
                  for r in records if r["kind"] == "eval"]
+        final = next((r for r in reversed(records) if r["kind"] == "final"), None)
         settings, options = CONFIGURATIONS.get(name) or parse_combination(name)
         runs[name] = {
             "settings": settings, "options": options,
             "unedited": {"perplexity": unedited["perplexity"], "retained": unedited["retained_knowledge"]},
             "evaluations": evals,
+            # ES / PS / NS over every edited fact at the end (the evaluations' are over a sample of them)
+            "final": {"num_edits": final["num_edits"], **{k: final["edit_metrics"][k] for k in ("ES", "PS", "NS", "S")}}
+            if final else None,
             "seconds_per_edit": (sum(b["seconds"]["total"] for b in batches) / batches[-1]["num_edits"]
                                  if batches else None),
             "z_steps_per_edit": sum(b["z_steps"] for b in batches) / batches[-1]["num_edits"] if batches else None,
@@ -119,11 +141,14 @@ def collect(names: list[str], args: argparse.Namespace) -> dict[str, Any]:
 def table(runs: dict[str, Any]) -> str:
     lines = ["| configuration | edits | perplexity (unedited) | retained | ES | PS | NS | S | max ‖W‖/‖W₀‖ | s/edit |",
              "|---|---|---|---|---|---|---|---|---|---|"]
+    # ES / PS / NS: of every edited fact where the run has finished, else of the last evaluation's sample.
     fmt = lambda v, f="{:.3f}": f.format(v) if isinstance(v, (int, float)) else "–"  # noqa: E731
     for name, run in runs.items():
         last = run["evaluations"][-1] if run["evaluations"] else None
         if not last:
             continue
+        if run["final"] and run["final"]["num_edits"] == last["num_edits"]:
+            last = {**last, **run["final"]}
         lines.append(f"| {name} | {last['num_edits']} | {fmt(last['perplexity'], '{:.2f}')} "
                      f"({fmt(run['unedited']['perplexity'], '{:.2f}')}) | {fmt(last['retained'])} | {fmt(last['ES'])} "
                      f"| {fmt(last['PS'])} | {fmt(last['NS'])} | {fmt(last['S'])} | {fmt(last['max_norm_ratio'])} "
@@ -166,6 +191,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--perplexity-tokens", type=int, default=10_000,
+                        help="held-out tokens perplexity is measured on (the lifelong runs use 20,000)")
+    parser.add_argument("--edited-sample", type=int, default=100,
+                        help="edited facts ES/PS/NS are measured on at each evaluation (all of them at the end)")
     parser.add_argument("--out", default="runs/ablation")
     parser.add_argument("--json", default=None, help="collect every run's figures here")
     parser.add_argument("--plots", default=None, help="folder for the plot")

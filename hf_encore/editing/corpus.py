@@ -152,7 +152,8 @@ def generated_corpus(lm, tokenizer, n_tokens: int, seed: int = 0, batch: int = 6
             out = lm.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True, top_k=50,
                               top_p=1.0, temperature=1.0, max_new_tokens=length, pad_token_id=pad)
             for prompt, row in zip(prompts, out[:, width:].tolist()):
-                if tokenizer.eos_token_id is not None and tokenizer.eos_token_id in row:  # a sequence that ended is padded after its end
+                # A sequence that ended is padded after its end.
+                if tokenizer.eos_token_id is not None and tokenizer.eos_token_id in row:
                     row = row[: row.index(tokenizer.eos_token_id)]
                 texts.append(tokenizer.decode(prompt + row, skip_special_tokens=True))
                 produced += len(prompt) + len(row)
