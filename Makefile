@@ -18,9 +18,9 @@ setup: $(BIN)/.installed
 demo: setup
 	$(BIN)/python -m hf_encore.apps.demo
 
-# CI runs this: the linter, then the whole suite.
+# CI runs this: the linter, then the whole suite (its slowest tests listed at the end: the suite's time budget).
 test: lint
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 lint: setup
 	$(BIN)/ruff check hf_encore tests benchmarks examples

@@ -31,6 +31,13 @@ def corpus_path() -> Path:
     return data_path("corpus", "wikitext-2-valid.txt")
 
 
+def model_directory(model: str | os.PathLike) -> Path:
+    """The folder of ``model``: a model folder as given, else the built-in model of that name (fetched once)."""
+    from hf_encore.loading import ensure_builtin
+
+    return Path(model) if Path(model).is_dir() else ensure_builtin(str(model))
+
+
 def counterfact_cases(split: str = "train", *, first: int = 0, count: int | None = None,
                       path: str | os.PathLike | None = None) -> list[dict[str, Any]]:
     """CounterFact cases ``first`` to ``first + count`` (to the end without ``count``) of ``path``, by default

@@ -36,9 +36,18 @@ from hf_encore.editing.stats import second_moments
 from hf_encore.editing.tracing import ModelAccess
 from hf_encore.evaluation import counterfact_scores
 from hf_encore.layer import Linear
-from hf_encore.loading import ensure_builtin
 
-from common import corpus_path, counterfact_cases, edit_requests, encore_model, machine, mpes_stops, write_json, z_steps
+from common import (
+    corpus_path,
+    counterfact_cases,
+    edit_requests,
+    encore_model,
+    machine,
+    model_directory,
+    mpes_stops,
+    write_json,
+    z_steps,
+)
 
 
 @dataclass(frozen=True)
@@ -229,7 +238,7 @@ DEFAULT_BATCH_SIZES = [1, 20]
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default="smollm2-135m", help="a built-in model's name or a model folder")
     parser.add_argument("--edits", type=int, default=100)
     parser.add_argument("--reference-edits", type=int, default=None)
     parser.add_argument("--methods", nargs="+", default=["encore", "memit", "alphaedit"])
@@ -254,7 +263,7 @@ def main() -> None:
     out = Path(args.out or f"docs/results/speed-{args.model}.json")
     torch.manual_seed(0)
 
-    bench = Bench(ensure_builtin(args.model), args.device, parse_settings(args.set))
+    bench = Bench(model_directory(args.model), args.device, parse_settings(args.set))
     bench.config()  # a bad setting fails before anything runs
     cases = counterfact_cases(count=max([args.edits, *(batch_sizes if "batch_sizes" in parts else [])]))
     requests = edit_requests(cases)
