@@ -53,7 +53,8 @@ def command(name: str, args: argparse.Namespace) -> list[str]:
            "--data", train, "--probe-data", train, "--edits", str(args.edits),
            "--batch-size", str(options.get("batch_size", args.batch_size)), "--eval-every", str(args.eval_every),
            "--out", str(Path(args.out) / name), "--tasks", "--fluency-sample", "0", "--no-progress",
-           "--perplexity-tokens", str(args.perplexity_tokens), "--edited-sample", str(args.edited_sample)]
+           "--perplexity-tokens", str(args.perplexity_tokens), "--edited-sample", str(args.edited_sample),
+           "--known-facts", str(args.known_facts)]
     if "corpus" in options:
         cmd += ["--corpus", options["corpus"]]
     for key, value in settings.items():
@@ -178,7 +179,7 @@ def plots(runs: dict[str, Any], folder: Path, model: str) -> None:
     axes[1].legend(fontsize=7)
     fig.tight_layout()
     folder.mkdir(parents=True, exist_ok=True)
-    fig.savefig(folder / f"degradation-ablation-{model}.png", dpi=100)
+    fig.savefig(folder / f"degradation-ablation-{Path(model).name}.png", dpi=100)
     plt.close(fig)
 
 
@@ -193,6 +194,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--perplexity-tokens", type=int, default=10_000,
                         help="held-out tokens perplexity is measured on (the lifelong runs use 20,000)")
+    parser.add_argument("--known-facts", type=int, default=200, help="probe facts for retained knowledge")
     parser.add_argument("--edited-sample", type=int, default=100,
                         help="edited facts ES/PS/NS are measured on at each evaluation (all of them at the end)")
     parser.add_argument("--out", default="runs/ablation")

@@ -46,6 +46,8 @@ def main() -> None:
     edited = choose_edits(load_counterfact(settings["data"]), probe, settings["edits"], settings["seed"])
     edited = edited[: state["num_edits"]]
 
+    if not probe:
+        raise SystemExit(f"{run} has no probe facts (it ran with --known-facts 0): nothing to compare")
     base, tokenizer = load_model(settings["model"])
     model = from_pretrained(base, adapter, tokenizer=tokenizer, corpus=settings.get("corpus"))
     prompts = [c["prompt"].replace("{}", c["subject"]) for c in probe]

@@ -42,6 +42,8 @@ SMALL = [
     (r"(speed\.py.*)", r"\1 --stats-tokens 512 --methods encore memit"),
     (r"--requests \d+", "--requests 2"),
     (r"(sweep\.py.*)", r"\1 --known-facts 4"),
+    (r"(degradation_ablation\.py.*)",
+     r"\1 --configs defaults norm-0.2 --perplexity-tokens 400 --edited-sample 2 --known-facts 4"),
     (r"(--vary \S+ \S+)(?: (?!--)\S+)+", r"\1"),  # one value per varied setting
     (r"python benchmarks/", f"python {ROOT}/benchmarks/"),
     (r"\.venv/bin/", f"{BIN}/"),
@@ -50,7 +52,8 @@ SMALL = [
 
 # Benchmark commands check that the scripts run end to end, not figures: they run on the tiny random model (in
 # seconds, where SmolLM2 took minutes per command), which knows no facts to probe.
-ON_TINY_MODEL = ("hf-encore bench", "benchmarks/speed.py", "benchmarks/memory.py")
+ON_TINY_MODEL = ("hf-encore bench", "benchmarks/speed.py", "benchmarks/memory.py",
+                 "benchmarks/degradation_ablation.py")
 
 
 def on_tiny_model(command: str, model_dir: Path) -> str:

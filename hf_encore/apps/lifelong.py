@@ -11,8 +11,9 @@ A ``final`` record closes each method: edit metrics of every edited fact, and fl
 the first edited facts' prompts. ``<out>/unedited.json`` holds the unedited model's figures (GE from the same
 prompts); ``<out>/summary.md`` and the PNG plots are rebuilt from the logs at the end.
 
-Edits come from ``--data`` (CounterFact, EasyEdit schema); the retained-knowledge probe comes from ``--probe-data``,
-a disjoint file (by default counterfact-train), so no probed fact is ever edited.
+Edits come from ``--data`` (CounterFact, EasyEdit schema); the retained-knowledge probe comes from ``--probe-data``
+(by default counterfact-train, disjoint from the default edits). No probe fact is ever edited, also when both are
+one file (an ablation on counterfact-train: ``benchmarks/degradation_ablation.py``).
 """
 
 from __future__ import annotations
