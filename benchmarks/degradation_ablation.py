@@ -127,6 +127,7 @@ def collect(names: list[str], args: argparse.Namespace) -> dict[str, Any]:
         settings, options = CONFIGURATIONS.get(name) or parse_combination(name)
         runs[name] = {
             "settings": settings, "options": options,
+            "command": " ".join(["python", *command(name, args)[1:]]),  # the lifelong run, as this script starts it
             "unedited": {"perplexity": unedited["perplexity"], "retained": unedited["retained_knowledge"]},
             "evaluations": evals,
             # ES / PS / NS over every edited fact at the end (the evaluations' are over a sample of them)

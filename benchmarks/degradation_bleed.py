@@ -23,13 +23,15 @@ import torch
 from hf_encore import from_pretrained, load_model
 from hf_encore.apps.lifelong import choose_edits
 from hf_encore.data import load_counterfact
+from hf_encore.editing.prompt_format import PLAIN
 from hf_encore.evaluation.scoring import score_continuations
 
 from common import machine, write_json
 
 
 def first_token(tokenizer, text: str) -> int:
-    return tokenizer(" " + text.strip(), add_special_tokens=False)["input_ids"][0]
+    """The first token of ``text`` as a continuation of a plain prompt (as the scores tokenise it)."""
+    return PLAIN.target_ids(tokenizer, text)[0]
 
 
 def main() -> None:
