@@ -144,7 +144,9 @@ def generated_corpus(lm, tokenizer, n_tokens: int, seed: int = 0, batch: int = 6
     with torch.random.fork_rng(devices=range(torch.cuda.device_count())):  # sampling runs on the lm_head's GPU
         torch.manual_seed(seed)
         while produced < n_tokens:
-            prompts = [tokenizer(starts[(len(texts) + i) % len(starts)])["input_ids"] for i in range(batch)]
+            # The last batch holds only the sequences the budget still needs (up to one more round if some end early).
+            rows = min(batch, -(-(n_tokens - produced) // length))
+            prompts = [tokenizer(starts[(len(texts) + i) % len(starts)])["input_ids"] for i in range(rows)]
             width = max(map(len, prompts))
             # Left-padded by hand (the caller's tokenizer keeps its padding side): generation continues at the end.
             input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
