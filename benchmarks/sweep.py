@@ -58,7 +58,7 @@ def run_one(model_name: str, method: str, settings: dict[str, Any], facts: list[
     return {
         "settings": settings, "method": method, "edits": len(facts), "batch_size": batch_size,
         **{k: scores[k] for k in ("ES", "PS", "NS", "S")},
-        "retained_knowledge": retained_knowledge(model, tokenizer, probe),
+        "retained_knowledge": retained_knowledge(model, tokenizer, probe) if probe else None,
         "max_norm_ratio": max(v["norm_ratio"] for v in weight_norms(model).values()),
         "z_steps_per_edit": steps / len(facts), "mpes_stopped": stops / len(facts),
         "seconds_per_edit": seconds / len(facts),
@@ -68,7 +68,7 @@ def run_one(model_name: str, method: str, settings: dict[str, Any], facts: list[
 def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| settings | ES | PS | NS | S | retained | max ‖W‖/‖W₀‖ | z-steps/edit | MPES stops | s/edit |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    fmt = lambda r, k, f: f.format(r[k]) if k in r else "–"  # noqa: E731
+    fmt = lambda r, k, f: f.format(r[k]) if r.get(k) is not None else "–"  # noqa: E731
     for r in rows:
         name = ", ".join(f"{k}={v}" for k, v in r["settings"].items()) or "defaults"
         label = "unedited" if r["method"] is None else f"{r['method']}: {name}"
@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--data", default=None, help="CounterFact file (default: counterfact-train.json)")
     parser.add_argument("--requests", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=50)
-    parser.add_argument("--known-facts", type=int, default=100)
+    parser.add_argument("--known-facts", type=int, default=100, help="probe facts for retained knowledge (0: none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fixed for every run")
     parser.add_argument("--vary", action="append", nargs="+", default=[], metavar="KEY V", help="KEY V1 V2 …")
@@ -104,7 +104,7 @@ def main() -> None:
         parser.error(f"the data file has {len(cases)} cases; needs {PROBE_POOL} + {args.requests}")
     facts = random.Random(args.seed).sample(cases[PROBE_POOL:], args.requests)
     base, tokenizer = load_model(args.model)
-    probe = known_facts(base, tokenizer, cases[:PROBE_POOL], args.known_facts)
+    probe = known_facts(base, tokenizer, cases[:PROBE_POOL], args.known_facts) if args.known_facts else []
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -52,7 +52,7 @@ SMALL = [
 
 # Benchmark commands check that the scripts run end to end, not figures: they run on the tiny random model (in
 # seconds, where SmolLM2 took minutes per command), which knows no facts to probe.
-ON_TINY_MODEL = ("hf-encore bench", "benchmarks/speed.py", "benchmarks/memory.py",
+ON_TINY_MODEL = ("hf-encore bench", "benchmarks/speed.py", "benchmarks/memory.py", "benchmarks/sweep.py",
                  "benchmarks/degradation_ablation.py")
 
 
