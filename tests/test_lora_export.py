@@ -116,12 +116,12 @@ def test_lora_export_of_real_edits_reproduces_the_adapter(smollm2_dir, smollm2, 
     from hf_encore.loading import load_model
 
     model = get_encore_model(smollm2, EncoreConfig(), tokenizer=tokenizer, corpus=corpus_path)
-    requests = [{k: c[k] for k in ("prompt", "subject", "target_new")} for c in cases[:10]]
-    model.edit(requests[:5], progress=False)
-    model.edit(requests[5:], progress=False)
+    requests = [{k: c[k] for k in ("prompt", "subject", "target_new")} for c in cases[:6]]
+    model.edit(requests[:3], progress=False)  # two batches: the delta is a sum of two solves
+    model.edit(requests[3:], progress=False)
     report = model.to_lora(tmp_path / "lora")
-    assert all(x.rank == x.numerical_rank <= 10 and x.relative_error < 1e-5 for x in report)
-    prompts = [c["prompt"].replace("{}", c["subject"]) for c in cases[:10]]
+    assert all(x.rank == x.numerical_rank <= 6 and x.relative_error < 1e-5 for x in report)
+    prompts = [c["prompt"].replace("{}", c["subject"]) for c in cases[:6]]
     lora = PeftModel.from_pretrained(load_model(str(smollm2_dir))[0], tmp_path / "lora")
     with torch.no_grad():
         for prompt in prompts:
