@@ -47,7 +47,7 @@ CONFIGURATIONS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 
 
 def command(name: str, args: argparse.Namespace) -> list[str]:
-    settings, options = CONFIGURATIONS[name] if name in CONFIGURATIONS else parse_combination(name)
+    settings, options = parse_combination(name)
     train = str(data_path("counterfact", "counterfact-train.json"))
     cmd = [sys.executable, "-m", "hf_encore.apps.lifelong", "--model", args.model, "--methods", "encore",
            "--data", train, "--probe-data", train, "--edits", str(args.edits),
@@ -63,7 +63,7 @@ def command(name: str, args: argparse.Namespace) -> list[str]:
 
 
 def parse_combination(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``"a+b"``: the settings of configurations ``a`` and ``b`` together."""
+    """The settings and options of configuration ``name``; ``"a+b"``: those of ``a`` and ``b`` together."""
     settings: dict[str, Any] = {}
     options: dict[str, Any] = {}
     for part in name.split("+"):
@@ -124,7 +124,7 @@ def collect(names: list[str], args: argparse.Namespace) -> dict[str, Any]:
                   "max_norm_ratio": max((n["norm_ratio"] for n in (r.get("norms") or {}).values()), default=None)}
                  for r in records if r["kind"] == "eval"]
         final = next((r for r in reversed(records) if r["kind"] == "final"), None)
-        settings, options = CONFIGURATIONS.get(name) or parse_combination(name)
+        settings, options = parse_combination(name)
         runs[name] = {
             "settings": settings, "options": options,
             "command": " ".join(["python", *command(name, args)[1:]]),  # the lifelong run, as this script starts it

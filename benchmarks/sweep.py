@@ -104,7 +104,7 @@ def main() -> None:
         parser.error(f"the data file has {len(cases)} cases; needs {PROBE_POOL} + {args.requests}")
     facts = random.Random(args.seed).sample(cases[PROBE_POOL:], args.requests)
     base, tokenizer = load_model(args.model)
-    probe = known_facts(base, tokenizer, cases[:PROBE_POOL], args.known_facts) if args.known_facts else []
+    probe = known_facts(base, tokenizer, cases[:PROBE_POOL], args.known_facts)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -77,7 +77,7 @@ def test_generated_corpus_samples_whole_batches_reproducibly(tiny_gpt2, tokenize
     # in sequences of about 21: two full batches of 6, then 3).
     assert calls == [6, 6, 3]
     assert len(first.texts) == sum(calls) and len(set(first.texts)) > 1
-    # Each text starts with its opening, none carries padding or an end-of-text token.
+    # No text carries padding or an end-of-text token.
     assert all("<|endoftext|>" not in t for t in first.texts)
     assert first.corpus_id == generated_corpus_id(1, 300)
     assert generated_corpus(tiny_gpt2, tokenizer, 300, seed=1, batch=6, length=20).texts == first.texts

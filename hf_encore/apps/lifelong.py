@@ -196,7 +196,7 @@ def run(settings: LifelongSettings, progress: bool = True) -> Path:
     if probe_file.is_file():
         probe = json.loads(probe_file.read_text())
     else:
-        probe = known_facts(base, tokenizer, load_counterfact(probe_path), ev.known_facts) if ev.known_facts else []
+        probe = known_facts(base, tokenizer, load_counterfact(probe_path), ev.known_facts)
         probe_file.write_text(json.dumps(probe))
     chosen = choose_edits(load_counterfact(edits_path), probe, settings.edits, settings.seed, edits_path)
     # One fixed order of the edits, the same for every method: the facts edited so far, in this order, give the

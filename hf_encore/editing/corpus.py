@@ -136,7 +136,8 @@ def generated_corpus(lm, tokenizer, n_tokens: int, seed: int = 0, batch: int = 6
     logger.warning("No statistics corpus given: generating %d tokens of text with the model itself for C₀. "
                    "Pass a corpus of real text (e.g. Wikipedia) for better statistics.", n_tokens)
     device = input_device(lm)
-    starts = ["The", "In", "A", "It", "This", "When", "He", "She", "After", "According to", "One", "There"]
+    starts = [tokenizer(text)["input_ids"] for text in
+              ("The", "In", "A", "It", "This", "When", "He", "She", "After", "According to", "One", "There")]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     texts: list[str] = []
     produced = 0
@@ -146,7 +147,7 @@ def generated_corpus(lm, tokenizer, n_tokens: int, seed: int = 0, batch: int = 6
         while produced < n_tokens:
             # The last batch holds only the sequences the budget still needs (up to one more round if some end early).
             rows = min(batch, -(-(n_tokens - produced) // length))
-            prompts = [tokenizer(starts[(len(texts) + i) % len(starts)])["input_ids"] for i in range(rows)]
+            prompts = [starts[(len(texts) + i) % len(starts)] for i in range(rows)]
             width = max(map(len, prompts))
             # Left-padded by hand (the caller's tokenizer keeps its padding side): generation continues at the end.
             input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)

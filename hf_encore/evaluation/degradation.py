@@ -44,7 +44,9 @@ def perplexity(model, tokenizer, texts: Sequence[str], *, n_tokens: int = 20_000
 
 def known_facts(model, tokenizer, cases: Sequence[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
     """The first ``limit`` CounterFact cases whose true object the model gets right: every token of it is the
-    argmax, teacher-forced, after the prompt."""
+    argmax, teacher-forced, after the prompt (none for ``limit`` 0)."""
+    if limit <= 0:
+        return []
     chosen: list[dict[str, Any]] = []
     block = max(64, 4 * limit)  # score only as many cases as it takes to find ``limit``
     for start in range(0, len(cases), block):
