@@ -37,11 +37,14 @@ CONFIGURATIONS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "c0-61k": ({"stats_n_tokens": 61_440}, {}),  # 4× the default 10·d_k statistics tokens
     "c0-200k": ({"stats_n_tokens": 200_000}, {}),  # most of WikiText-2 valid
     "generated-c0": ({}, {"corpus": "generated"}),  # the zero-configuration path: C₀ from model-generated text
+    "preservation-2": ({"preservation_weight": 2.0}, {}),
     "preservation-4": ({"preservation_weight": 4.0}, {}),
+    "preservation-8": ({"preservation_weight": 8.0}, {}),
     "norm-0.2": ({"norm_weight": 0.2}, {}),
     "norm-0.01": ({"norm_weight": 0.01}, {}),
     "layers-10": ({"layers": list(range(4, 14))}, {}),  # twice the default band 4-8, same start
     "mpes-k0": ({"mpes_extra_steps": 0}, {}),
+    "mpes-k5": ({"mpes_extra_steps": 5}, {}),  # targets pushed further past the first correct step
     "batch-25": ({}, {"batch_size": 25}),
 }
 

@@ -1,0 +1,167 @@
+"""Why do known facts go? Controls on a finished lifelong run: is it the size of the edits or their direction?
+
+    python benchmarks/degradation_controls.py --run runs/ablation-smollm2/defaults \\
+        --json docs/results/degradation-controls-smollm2.json
+
+Reads a finished lifelong run (``hf_encore.apps.lifelong``: settings, probe facts, last saved adapter) and measures,
+on the run's probe facts (facts the unedited model knew, never edited):
+
+- **retention by confidence**: the facts kept, split into quartiles of the unedited model's log-probability of the
+  true object (summed over its tokens). If the lost facts are mostly the ones the model barely knew, the edits
+  tip over fragile facts rather than erase solid ones.
+- **same size, other directions**: each edited layer's delta ΔW [d_v, d_k] replaced by (a) Gaussian noise of the
+  same Frobenius norm, and (b) ΔW Q for a random orthogonal Q [d_k, d_k], which keeps ΔW's singular values and
+  output directions and moves only the key directions it reads. If the run's own ΔW loses far more facts than
+  these, the damage is in where the edits point, not in how large they are.
+- **disturbance by text**: per edited layer, tr(ΔW C ΔWᵀ) / tr(W₀ C W₀ᵀ) with C the second moment of the layer's
+  keys over (i) the probe facts' prompts and (ii) held-out WikiText-2 test text: how much the update changes the
+  MLP's output, relative to the output itself, on factual prompts against the generic text C₀ is estimated from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from hf_encore import from_pretrained, load_model
+from hf_encore.editing.tracing import ModelAccess
+from hf_encore.evaluation.scoring import score_continuations
+
+from common import data_path, machine, write_json
+
+
+def probe_texts(probe: list[dict]) -> tuple[list[str], list[str]]:
+    return [c["prompt"].replace("{}", c["subject"]) for c in probe], [c["target_true"] for c in probe]
+
+
+def kept_and_logprob(model, tokenizer, probe: list[dict]) -> tuple[list[bool], list[float]]:
+    """Per probe fact: whether every token of the true object is the argmax, and its summed log-probability."""
+    prompts, objects = probe_texts(probe)
+    scores = score_continuations(model, tokenizer, prompts, objects)
+    return [bool(c.all()) for c in scores.token_correct], [float(lp.sum()) for lp in scores.token_logprobs]
+
+
+def edited_modules(model) -> dict[int, torch.nn.Module]:
+    tuner = model.base_model
+    config = tuner.peft_config["default"]
+    access = ModelAccess(tuner.model, tuner._layout(config))
+    return {layer: access.w_out(layer) for layer in config.layers}
+
+
+def key_moments(model, modules: dict[int, torch.nn.Module], token_lists: list[list[int]]) -> dict[int, torch.Tensor]:
+    """Per layer, the uncentred second moment of W_out's inputs over every token of ``token_lists``. → [d_k, d_k]."""
+    sums: dict[int, torch.Tensor] = {}
+    count = 0
+
+    def hook(layer):
+        def record(_module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            sums[layer] = sums.get(layer, 0) + x.T @ x
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(layer)) for layer, m in modules.items()]
+    try:
+        with model.disable_adapter():
+            for ids in token_lists:
+                model(input_ids=torch.tensor([ids]))
+                count += len(ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return {layer: s / count for layer, s in sums.items()}
+
+
+def relative_disturbance(delta: torch.Tensor, base: torch.Tensor, moment: torch.Tensor) -> float:
+    """tr(ΔW C ΔWᵀ) / tr(W₀ C W₀ᵀ) for ΔW, W₀ [d_v, d_k] and C [d_k, d_k]."""
+    delta, base = delta.double(), base.double()
+    return float(((delta @ moment) * delta).sum() / ((base @ moment) * base).sum())
+
+
+def random_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))  # Haar-distributed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", required=True, help="a lifelong run's folder (holding settings.json)")
+    parser.add_argument("--method", default="encore")
+    parser.add_argument("--seeds", type=int, default=3, help="random deltas per control")
+    parser.add_argument("--text-tokens", type=int, default=8192, help="held-out WikiText-2 tokens for the disturbance")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    run = Path(args.run)
+    settings = json.loads((run / "settings.json").read_text())
+    probe = json.loads((run / "probe_facts.json").read_text())
+    if not probe:
+        raise SystemExit(f"{run} has no probe facts (it ran with --known-facts 0): nothing to compare")
+    adapter = run / args.method.replace("+", "_") / "adapter"
+    state = json.loads((adapter / "encore_state.json").read_text())
+    base, tokenizer = load_model(settings["model"])
+    model = from_pretrained(base, adapter, tokenizer=tokenizer, corpus=settings.get("corpus"))
+    modules = edited_modules(model)
+    deltas = {layer: m.encore_delta["default"].data.clone() for layer, m in modules.items()}
+
+    with model.disable_adapter():
+        known, logprob = kept_and_logprob(model, tokenizer, probe)
+    if not all(known):
+        print(f"note: {len(known) - sum(known)} probe facts are not known by the unedited model as loaded here")
+    kept, _ = kept_and_logprob(model, tokenizer, probe)
+
+    order = sorted(range(len(probe)), key=lambda i: logprob[i])
+    quartiles = []
+    for q in range(4):
+        part = order[q * len(order) // 4: (q + 1) * len(order) // 4]
+        quartiles.append({"facts": len(part), "unedited_logprob_range": [logprob[part[0]], logprob[part[-1]]],
+                          "retained": sum(kept[i] for i in part) / len(part)})
+
+    controls: dict[str, list[float]] = {"gaussian_same_norm": [], "rotated_key_directions": []}
+    generator = torch.Generator().manual_seed(0)
+    try:
+        for _ in range(args.seeds):
+            for layer, m in modules.items():
+                d = deltas[layer]
+                noise = torch.randn(d.shape, generator=generator, dtype=torch.float64)
+                m.encore_delta["default"].data = (noise * d.double().norm() / noise.norm()).to(d.dtype)
+            controls["gaussian_same_norm"].append(sum(kept_and_logprob(model, tokenizer, probe)[0]) / len(probe))
+            for layer, m in modules.items():
+                d = deltas[layer]
+                q = random_orthogonal(d.shape[1], generator)
+                m.encore_delta["default"].data = (d.double() @ q).to(d.dtype)
+            controls["rotated_key_directions"].append(sum(kept_and_logprob(model, tokenizer, probe)[0]) / len(probe))
+    finally:
+        for layer, m in modules.items():
+            m.encore_delta["default"].data = deltas[layer]
+
+    prompts, _ = probe_texts(probe)
+    probe_tokens = [tokenizer(p)["input_ids"] for p in prompts]
+    text = (data_path("corpus", "wikitext-2-test.txt")).read_text()
+    ids = tokenizer(text[: 20 * args.text_tokens])["input_ids"][: args.text_tokens]
+    text_tokens = [ids[i: i + 256] for i in range(0, len(ids), 256)]
+    probe_moment = key_moments(model, modules, probe_tokens)
+    text_moment = key_moments(model, modules, text_tokens)
+    disturbance = {}
+    for layer, m in modules.items():
+        w0 = m.original_weight
+        disturbance[layer] = {"probe_prompts": relative_disturbance(deltas[layer], w0, probe_moment[layer]),
+                              "wikitext": relative_disturbance(deltas[layer], w0, text_moment[layer])}
+
+    result = {
+        "run": str(run), "method": args.method, "edits": state["num_edits"], "probe_facts": len(probe),
+        "retained": sum(kept) / len(kept),
+        "retained_by_unedited_confidence_quartile": quartiles,
+        "controls": {k: {"retained": v, "mean": sum(v) / len(v)} for k, v in controls.items()},
+        "relative_disturbance": disturbance,
+        "machine": machine(),
+    }
+    print(json.dumps({k: v for k, v in result.items()}, indent=1))
+    if args.json:
+        write_json(args.json, result)
+
+
+if __name__ == "__main__":
+    with torch.no_grad():
+        main()

@@ -1,0 +1,67 @@
+"""The degradation analyses of benchmarks/ (degradation_bleed.py, degradation_controls.py): their arithmetic, and
+both scripts end to end on a tiny lifelong run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_encore.apps.lifelong import EvalSettings, LifelongSettings, run
+from test_lifelong import facts_the_model_knows
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+import degradation_controls  # noqa: E402
+
+
+def test_relative_disturbance_is_the_output_change_over_the_output_on_those_keys():
+    generator = torch.Generator().manual_seed(0)
+    base, delta = torch.randn(4, 6, generator=generator), torch.randn(4, 6, generator=generator)
+    keys = torch.randn(50, 6, generator=generator) * torch.arange(1, 7)  # anisotropic: a wrong C would show
+    moment = (keys.T @ keys / len(keys)).double()
+    expected = (keys @ delta.T).pow(2).sum() / (keys @ base.T).pow(2).sum()
+    assert abs(degradation_controls.relative_disturbance(delta, base, moment) - float(expected)) < 1e-6
+
+
+def test_random_orthogonal_is_orthogonal_and_seeded():
+    q = degradation_controls.random_orthogonal(7, torch.Generator().manual_seed(1))
+    assert torch.allclose(q @ q.T, torch.eye(7, dtype=q.dtype), atol=1e-12)
+    assert torch.equal(q, degradation_controls.random_orthogonal(7, torch.Generator().manual_seed(1)))
+
+
+@pytest.mark.slow  # a lifelong run and two scripts in their own processes
+def test_bleed_and_controls_read_a_finished_run(tiny_dir, shared_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_ENCORE_CACHE", str(tmp_path / "cache"))
+    settings = LifelongSettings(
+        model=str(tiny_dir), methods=("encore",), edits=4, batch_size=2, eval_every=4, out=str(tmp_path / "run"),
+        probe_data=str(facts_the_model_knows(tiny_dir, shared_data, tmp_path)),
+        config={"layers": [1, 2], "stats_n_tokens": 2048, "v_num_grad_steps": 3, "n_context_templates": 2},
+        evaluation=EvalSettings(downstream_tasks=(), perplexity_tokens=256, known_facts=8, edited_sample=2,
+                                fluency_sample=0))
+    out = run(settings, progress=False)
+    final_eval = [json.loads(line) for line in (out / "encore" / "log.jsonl").read_text().splitlines()
+                  if json.loads(line)["kind"] == "eval"][-1]
+
+    def script(name: str, *extra: str) -> dict:
+        path = tmp_path / f"{name}.json"
+        subprocess.run([sys.executable, str(BENCHMARKS / f"{name}.py"), "--run", str(out), "--json", str(path),
+                        *extra], check=True, capture_output=True)
+        return json.loads(path.read_text())
+
+    controls = script("degradation_controls", "--seeds", "2", "--text-tokens", "512")
+    assert controls["edits"] == 4 and controls["probe_facts"] == 8
+    assert controls["retained"] == final_eval["retained_knowledge"]  # the same model as the run measured
+    assert sum(q["facts"] for q in controls["retained_by_unedited_confidence_quartile"]) == 8
+    for control in controls["controls"].values():
+        assert len(control["retained"]) == 2 and all(0 <= r <= 1 for r in control["retained"])
+    assert set(controls["relative_disturbance"]) == {"1", "2"}
+    assert all(v["probe_prompts"] > 0 and v["wikitext"] > 0 for v in controls["relative_disturbance"].values())
+
+    bleed = script("degradation_bleed")
+    assert bleed["retained"] == final_eval["retained_knowledge"] and bleed["edits"] == 4
+    assert sum(g["facts"] for g in bleed["retained_by_group"].values()) == 8
