@@ -1,9 +1,9 @@
 """Why do known facts go? Controls on a finished lifelong run: is it the size of the edits or their direction?
 
-    python benchmarks/degradation_controls.py --run runs/ablation-smollm2/defaults \\
+    python benchmarks/degradation_controls.py --run runs/ablation-smollm2/defaults runs/ablation-smollm2/preservation-4 \\
         --json docs/results/degradation-controls-smollm2.json
 
-Reads a finished lifelong run (``hf_encore.apps.lifelong``: settings, probe facts, last saved adapter) and measures,
+Reads each finished lifelong run (``hf_encore.apps.lifelong``: settings, probe facts, last saved adapter) and measures,
 on the run's probe facts (facts the unedited model knew, never edited):
 
 - **retention by confidence**: the facts kept, split into quartiles of the unedited model's log-probability of the
@@ -85,20 +85,13 @@ def random_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
     return q * torch.sign(torch.diagonal(r))  # Haar-distributed
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", required=True, help="a lifelong run's folder (holding settings.json)")
-    parser.add_argument("--method", default="encore")
-    parser.add_argument("--seeds", type=int, default=3, help="random deltas per control")
-    parser.add_argument("--text-tokens", type=int, default=8192, help="held-out WikiText-2 tokens for the disturbance")
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args()
-    run = Path(args.run)
+def analyse(run: Path, method: str, seeds: int, text_tokens: int) -> dict:
+    """The three measures above for one finished run (``seeds`` random deltas per control)."""
     settings = json.loads((run / "settings.json").read_text())
     probe = json.loads((run / "probe_facts.json").read_text())
     if not probe:
         raise SystemExit(f"{run} has no probe facts (it ran with --known-facts 0): nothing to compare")
-    adapter = run / args.method.replace("+", "_") / "adapter"
+    adapter = run / method.replace("+", "_") / "adapter"
     state = json.loads((adapter / "encore_state.json").read_text())
     base, tokenizer = load_model(settings["model"])
     model = from_pretrained(base, adapter, tokenizer=tokenizer, corpus=settings.get("corpus"))
@@ -115,13 +108,14 @@ def main() -> None:
     quartiles = []
     for q in range(4):
         part = order[q * len(order) // 4: (q + 1) * len(order) // 4]
-        quartiles.append({"facts": len(part), "unedited_logprob_range": [logprob[part[0]], logprob[part[-1]]],
-                          "retained": sum(kept[i] for i in part) / len(part)})
+        if part:
+            quartiles.append({"facts": len(part), "unedited_logprob_range": [logprob[part[0]], logprob[part[-1]]],
+                              "retained": sum(kept[i] for i in part) / len(part)})
 
     controls: dict[str, list[float]] = {"gaussian_same_norm": [], "rotated_key_directions": []}
     generator = torch.Generator().manual_seed(0)
     try:
-        for _ in range(args.seeds):
+        for _ in range(seeds):
             for layer, m in modules.items():
                 d = deltas[layer]
                 noise = torch.randn(d.shape, generator=generator, dtype=torch.float64)
@@ -138,28 +132,40 @@ def main() -> None:
 
     prompts, _ = probe_texts(probe)
     probe_tokens = [tokenizer(p)["input_ids"] for p in prompts]
-    text = (data_path("corpus", "wikitext-2-test.txt")).read_text()
-    ids = tokenizer(text[: 20 * args.text_tokens])["input_ids"][: args.text_tokens]
-    text_tokens = [ids[i: i + 256] for i in range(0, len(ids), 256)]
+    text = data_path("corpus", "wikitext-2-test.txt").read_text()
+    ids = tokenizer(text[: 20 * text_tokens])["input_ids"][:text_tokens]
+    text_tokens_lists = [ids[i: i + 256] for i in range(0, len(ids), 256)]
     probe_moment = key_moments(model, modules, probe_tokens)
-    text_moment = key_moments(model, modules, text_tokens)
+    text_moment = key_moments(model, modules, text_tokens_lists)
     disturbance = {}
     for layer, m in modules.items():
         w0 = m.original_weight
         disturbance[layer] = {"probe_prompts": relative_disturbance(deltas[layer], w0, probe_moment[layer]),
                               "wikitext": relative_disturbance(deltas[layer], w0, text_moment[layer])}
-
-    result = {
-        "run": str(run), "method": args.method, "edits": state["num_edits"], "probe_facts": len(probe),
+    return {
+        "run": str(run), "method": method, "edits": state["num_edits"], "probe_facts": len(probe),
         "retained": sum(kept) / len(kept),
         "retained_by_unedited_confidence_quartile": quartiles,
         "controls": {k: {"retained": v, "mean": sum(v) / len(v)} for k, v in controls.items()},
         "relative_disturbance": disturbance,
-        "machine": machine(),
     }
-    print(json.dumps({k: v for k, v in result.items()}, indent=1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", required=True, nargs="+", help="lifelong runs' folders (each holding settings.json)")
+    parser.add_argument("--method", default="encore")
+    parser.add_argument("--seeds", type=int, default=3, help="random deltas per control")
+    parser.add_argument("--text-tokens", type=int, default=8192, help="held-out WikiText-2 tokens for the disturbance")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    runs = {}
+    for folder in args.run:
+        runs[Path(folder).name] = result = analyse(Path(folder), args.method, args.seeds, args.text_tokens)
+        print(json.dumps(result, indent=1))
     if args.json:
-        write_json(args.json, result)
+        write_json(args.json, {"runs": runs, "seeds": args.seeds, "text_tokens": args.text_tokens,
+                               "machine": machine()})
 
 
 if __name__ == "__main__":

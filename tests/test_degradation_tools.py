@@ -53,7 +53,7 @@ def test_bleed_and_controls_read_a_finished_run(tiny_dir, shared_data, tmp_path,
                         *extra], check=True, capture_output=True)
         return json.loads(path.read_text())
 
-    controls = script("degradation_controls", "--seeds", "2", "--text-tokens", "512")
+    controls = script("degradation_controls", "--seeds", "2", "--text-tokens", "512")["runs"]["run"]
     assert controls["edits"] == 4 and controls["probe_facts"] == 8
     assert controls["retained"] == final_eval["retained_knowledge"]  # the same model as the run measured
     assert sum(q["facts"] for q in controls["retained_by_unedited_confidence_quartile"]) == 8
