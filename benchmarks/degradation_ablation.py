@@ -167,19 +167,26 @@ def plots(runs: dict[str, Any], folder: Path, model: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for name, run in runs.items():
         points = [(e["num_edits"], e["perplexity"], e["retained"]) for e in run["evaluations"]]
         if not points:
             continue
         edits, ppl, kept = zip(*points)
         style = dict(marker="o", label=name, linewidth=2.5 if name == "defaults" else 1.2)
-        axes[0].plot(edits, ppl, **style)
+        line, = axes[0].plot(edits, ppl, **style)
         axes[1].plot(edits, kept, **style)
+        if run["final"]:  # the trade-off: edit score against what the model kept, both at the end of the run
+            axes[2].scatter(run["final"]["S"], kept[-1], color=line.get_color())
+            axes[2].annotate(name, (run["final"]["S"], kept[-1]), fontsize=7, xytext=(3, 3),
+                             textcoords="offset points")
     axes[0].set_title(f"{model}: perplexity (WikiText-2 test)")
     axes[1].set_title(f"{model}: retained known facts")
-    for ax in axes:
+    axes[2].set_title("at the end: retained against edit score S")
+    for ax in axes[:2]:
         ax.set_xlabel("sequential ENCORE edits (counterfact-train)")
+    axes[2].set_xlabel("S over every edited fact")
+    axes[2].set_ylabel("retained known facts")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
     folder.mkdir(parents=True, exist_ok=True)
