@@ -31,7 +31,7 @@ from hf_encore.jsonl import read_jsonl
 
 from common import data_path, machine, write_json
 
-# name → (EncoreConfig settings, lifelong options). The first is the defaults every other one changes one thing of.
+# name → (EncoreConfig settings, lifelong options), each changing the baseline below. "defaults" is the baseline itself.
 CONFIGURATIONS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "defaults": ({}, {}),
     "c0-61k": ({"stats_n_tokens": 61_440}, {}),  # 4× the default 10·d_k statistics tokens
@@ -49,8 +49,24 @@ CONFIGURATIONS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 }
 
 
+def baseline(model: str) -> dict[str, Any]:
+    """hf_encore's ENCORE defaults when this ablation began, written out: the settings it went on to change keep the
+    values they had then (λ_p 1; C₀ from max(10,000, 10·d_k) tokens), so every configuration means what it meant
+    when it ran."""
+    from transformers import AutoConfig
+
+    from common import model_directory
+
+    config = AutoConfig.from_pretrained(model_directory(model))
+    d_k = getattr(getattr(config, "text_config", config), "intermediate_size", None)
+    if not d_k:
+        raise SystemExit(f"{model}: no intermediate_size in its config to size the baseline C₀ from")
+    return {"preservation_weight": 1.0, "stats_n_tokens": max(10_000, 10 * d_k)}
+
+
 def command(name: str, args: argparse.Namespace) -> list[str]:
     settings, options = parse_combination(name)
+    settings = {**baseline(args.model), **settings}
     train = str(data_path("counterfact", "counterfact-train.json"))
     cmd = [sys.executable, "-m", "hf_encore.apps.lifelong", "--model", args.model, "--methods", "encore",
            "--data", train, "--probe-data", train, "--edits", str(args.edits),
@@ -220,7 +236,8 @@ def main() -> None:
     runs = collect(args.configs, args)
     print(table(runs))
     if args.json:
-        write_json(args.json, {"model": args.model, "edits": args.edits, "batch_size": args.batch_size,
+        write_json(args.json, {"model": args.model, "baseline": baseline(args.model), "edits": args.edits,
+                               "batch_size": args.batch_size,
                                "eval_every": args.eval_every, "machine": machine(), "runs": runs,
                                "command": " ".join(sys.argv)})
     if args.plots:

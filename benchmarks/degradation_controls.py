@@ -151,6 +151,21 @@ def analyse(run: Path, method: str, seeds: int, text_tokens: int) -> dict:
     }
 
 
+def table(runs: dict[str, dict]) -> str:
+    """One markdown row per run: retained by its deltas and by the controls, by confidence, and the disturbance."""
+    lines = ["| run | retained | same-norm noise | rotated key directions | by confidence quartile (least → most) "
+             "| disturbance, probe prompts / WikiText-2, per layer |", "|---|---|---|---|---|---|"]
+    for name, r in runs.items():
+        controls = {k: f"{v['mean']:.3f} ({min(v['retained']):.3f}–{max(v['retained']):.3f})"
+                    for k, v in r["controls"].items()}
+        quartiles = " / ".join(f"{q['retained']:.2f}" for q in r["retained_by_unedited_confidence_quartile"])
+        disturbance = ", ".join(f"{v['probe_prompts']:.3f} / {v['wikitext']:.3f}"
+                                for v in r["relative_disturbance"].values())
+        lines.append(f"| {name} | {r['retained']:.3f} | {controls['gaussian_same_norm']} | "
+                     f"{controls['rotated_key_directions']} | {quartiles} | {disturbance} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", required=True, nargs="+", help="lifelong runs' folders (each holding settings.json)")
@@ -163,6 +178,7 @@ def main() -> None:
     for folder in args.run:
         runs[Path(folder).name] = result = analyse(Path(folder), args.method, args.seeds, args.text_tokens)
         print(json.dumps(result, indent=1))
+    print(table(runs))
     if args.json:
         write_json(args.json, {"runs": runs, "seeds": args.seeds, "text_tokens": args.text_tokens,
                                "machine": machine()})

@@ -51,11 +51,15 @@ METHODS = ("encore", "memit", "alphaedit")
 # Defaults for small models, kept by the one-at-a-time sweep of docs/results.md (benchmarks/sweep.py: 100
 # counterfact-train edits in two batches on SmolLM2-135M: layers 4–8 and λ_n 0.05 had the best S and kept more
 # never-edited facts than the neighbouring settings; v_lr, below, came from the sweep's second round). In these
-# units the papers' Llama3-8B λ_p = 15,000 is preservation_weight ≈ 1.05 (d_k = 14,336); the published setting on
-# SmolLM2 (λ_p = 15,000 absolute, ≈ 9.8 relative) under-edits (docs/algorithm.md §6).
+# units the papers' Llama3-8B λ_p = 15,000 is preservation_weight ≈ 1.05 (d_k = 14,336), MEMIT's preset; the
+# published setting on SmolLM2 (λ_p = 15,000 absolute, ≈ 9.8 relative) under-edits (docs/algorithm.md §6).
+# ENCORE's λ_p of 2 comes from the degradation ablation of docs/results.md (benchmarks/degradation_ablation.py,
+# 300 sequential counterfact-train edits on SmolLM2): with C₀ from 40·d_k tokens it kept 0.675 of the facts the
+# model knew against 0.575, perplexity +3.6 % against +7.8 %, for S 0.821 against 0.831; λ_p 4 kept more (0.71-0.74)
+# but lost a tenth of the edits (ES 0.88-0.93).
 METHOD_PRESETS: dict[str, dict[str, Any]] = {
     "memit": dict(mpes=False, preservation_weight=1.0, norm_weight=0.0, nullspace_projection=False),
-    "encore": dict(mpes=True, preservation_weight=1.0, norm_weight=0.05, nullspace_projection=False),
+    "encore": dict(mpes=True, preservation_weight=2.0, norm_weight=0.05, nullspace_projection=False),
     "alphaedit": dict(mpes=False, preservation_weight=0.0, norm_weight=0.01, nullspace_projection=True),
 }
 
@@ -68,6 +72,20 @@ NULLSPACE_THRESHOLD = {"absolute": 2e-2, "relative": 1.0}
 # small models (median |h_i|: SmolLM2 ≈ 2.2, Gemma-3-270m ≈ 9.6), so a fixed lr crawls on one or overshoots on
 # another; the relative default was chosen by the sweep in docs/results.md (benchmarks/sweep.py, counterfact-train).
 V_LR = {"absolute": 0.5, "relative": 0.3}
+
+# C₀'s token budget when stats_n_tokens is None: this many tokens per key dimension d_k, at least MIN_STATS_TOKENS.
+# Real text: 40·d_k (61,440 on SmolLM2), chosen by the degradation ablation (docs/results.md): it kept as many known
+# facts after 300 edits as 200,000 tokens did (0.620 each, against 0.575 from 10·d_k), at a third of the pass.
+# Model-generated text (no corpus given) stays at 10·d_k: sampling costs a forward pass per token (about 3 minutes
+# for SmolLM2's 15,360 on a 2-core CPU), and generated text made a slightly worse C₀ than real text of that size.
+STATS_TOKENS_PER_KEY = {"corpus": 40, "generated": 10}
+MIN_STATS_TOKENS = 10_000
+
+
+def default_stats_tokens(d_k: int, generated: bool) -> int:
+    """Tokens of text C₀ is estimated from when ``stats_n_tokens`` is None, for keys of dimension ``d_k``."""
+    return max(MIN_STATS_TOKENS, STATS_TOKENS_PER_KEY["generated" if generated else "corpus"] * d_k)
+
 
 # ‖W‖/‖W₀‖ of an edited layer above which edit() warns: the lifelong runs in docs/results.md stay below 1.3 with
 # ENCORE after 1,000 edits, and the runs that collapsed (plain AlphaEdit on Qwen2.5-0.5B) had passed 2.
@@ -286,7 +304,8 @@ class EncoreConfig(PeftConfig):
         n_context_templates: context-prefixed copies of each prompt.
         context_template_length: tokens generated for each context template.
         seed: seed of the context templates.
-        stats_n_tokens: tokens of generic text for C₀ (``None``: 10·d_k, at least 10,000).
+        stats_n_tokens: tokens of generic text for C₀ (``None``: 40·d_k of a corpus, 10·d_k of model-generated
+            text, at least 10,000: ``default_stats_tokens``).
         stats_seq_len: length of the packed text chunks used for statistics.
         max_tokens_per_forward: token budget of one forward pass (bounds memory on long batches).
         max_norm_ratio: refuse (and roll back) a batch after which some edited layer's ‖W‖/‖W₀‖ exceeds this;

@@ -26,8 +26,10 @@ FACTS = [{"prompt": "{} plays the sport of", "subject": "LeBron James", "target_
 # distribution: larger steps than the defaults, no early stop, no KL or decay term, the raw prompt only. One edited
 # layer and one fact per edit: spreading a target over layers, or fitting two random subjects' keys at once, is
 # approximate enough on a 4-layer random model to cancel the small rise (real models: tests/test_editing.py).
+# A strong edit, so that a tiny random model's p(target) visibly rises in every family (phi3's barely moves under
+# ENCORE's default λ_p of 2): the matrix checks layouts, not how much a default setting edits.
 MATRIX_EDIT = {**TINY_EDIT, "method": "encore", "mpes": False, "v_num_grad_steps": 25, "v_lr": 5.0,
-               "v_weight_decay": 0.0, "kl_factor": 0.0, "n_context_templates": 0}
+               "v_weight_decay": 0.0, "kl_factor": 0.0, "n_context_templates": 0, "preservation_weight": 1.0}
 MATRIX_LAYERS = [2]
 MATRIX_D_K = 256  # keys of distinct tokens less alike than at 64
 

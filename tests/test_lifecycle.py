@@ -161,6 +161,18 @@ def test_statistics_travel_with_the_adapter_when_asked(edited, tiny_dir, tiny_to
         stranded.edit(BATCHES[1], progress=False)
 
 
+def test_a_resumed_adapter_keeps_the_statistics_budget_it_was_edited_with(edited, tiny_dir, tiny_tok, tmp_path):
+    """Defaults change between releases: an adapter that leaves stats_n_tokens to the default and continues without
+    a corpus uses the C₀ its earlier edits recorded, not one of today's default size (which no cache holds)."""
+    edited.save_pretrained(tmp_path / "adapter", save_statistics=True)
+    moved = hf_encore.from_pretrained(load_model(str(tiny_dir))[0], tmp_path / "adapter", tokenizer=tiny_tok)
+    moved.peft_config["default"].stats_n_tokens = None  # as an adapter saved before the budget was set explicitly
+    moved.edit(BATCHES[1], progress=False)
+    state = moved.base_model.edit_states["default"]
+    assert state.num_batches == 2
+    assert {ref["n_tokens"] for ref in state.stats_refs.values()} == {SMALL["stats_n_tokens"]}
+
+
 def test_other_base_weights_are_refused_unless_overridden(edited, tiny_dir, tiny_tok, tmp_path):
     edited.save_pretrained(tmp_path / "adapter")
     other = load_model(str(tiny_dir))[0]

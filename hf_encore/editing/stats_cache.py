@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 from typing import Callable, ContextManager
 
-from ..config import EncoreConfig
+from ..config import EncoreConfig, default_stats_tokens
 from .corpus import Corpus, generated_corpus, generated_corpus_id, packed_chunks, read_corpus
 from .state import EditState, LayerStatistics
 from .stats import is_main_process, load_cached, save_cached, second_moments, stats_cache_key
@@ -64,10 +64,12 @@ class StatisticsCache:
         """
         mlp_out = access.layout.mlp_out
         d_k = access.w_out(config.layers[0]).in_features
-        n_tokens = config.stats_n_tokens or max(10_000, 10 * d_k)
         recorded = [state.stats_refs.get(layer) for layer in config.layers]
+        resumed = corpus is None and all(recorded)
+        # A resumed adapter keeps the budget its earlier edits used, even one set by an earlier release's default.
+        n_tokens = config.stats_n_tokens or (recorded[-1]["n_tokens"] if resumed else
+                                             default_stats_tokens(d_k, generated=corpus is None))
         texts = read_corpus(corpus, tokenizer, n_tokens) if corpus is not None else None
-        resumed = texts is None and all(recorded)
         if resumed:
             # A resumed adapter keeps using the statistics its earlier edits were solved with.
             keys = {layer: ref["cache_key"] for layer, ref in zip(config.layers, recorded)}
