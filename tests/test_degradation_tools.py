@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_encore.apps.lifelong import EvalSettings, LifelongSettings, run
-from test_lifelong import facts_the_model_knows
+from hf_encore.apps.lifelong import run
+from test_lifelong import tiny_run_settings
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
@@ -37,12 +37,9 @@ def test_random_orthogonal_is_orthogonal_and_seeded():
 @pytest.mark.slow  # a lifelong run and two scripts in their own processes
 def test_bleed_and_controls_read_a_finished_run(tiny_dir, shared_data, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_ENCORE_CACHE", str(tmp_path / "cache"))
-    settings = LifelongSettings(
-        model=str(tiny_dir), methods=("encore",), edits=4, batch_size=2, eval_every=4, out=str(tmp_path / "run"),
-        probe_data=str(facts_the_model_knows(tiny_dir, shared_data, tmp_path)),
-        config={"layers": [1, 2], "stats_n_tokens": 2048, "v_num_grad_steps": 3, "n_context_templates": 2},
-        evaluation=EvalSettings(downstream_tasks=(), perplexity_tokens=256, known_facts=8, edited_sample=2,
-                                fluency_sample=0))
+    settings = tiny_run_settings(tiny_dir, shared_data, tmp_path, edits=4, batch_size=2, eval_every=4,
+                                 downstream_tasks=(), perplexity_tokens=256, known_facts=8, edited_sample=2,
+                                 fluency_sample=0)
     out = run(settings, progress=False)
     final_eval = [json.loads(line) for line in (out / "encore" / "log.jsonl").read_text().splitlines()
                   if json.loads(line)["kind"] == "eval"][-1]

@@ -43,15 +43,21 @@ def facts_the_model_knows(model_dir: Path, shared_data: Path, out: Path, count: 
     return path
 
 
+def tiny_run_settings(tiny_dir: Path, shared_data: Path, tmp_path: Path, edits: int, batch_size: int,
+                      eval_every: int, **evaluation) -> LifelongSettings:
+    """A short ENCORE run on the tiny model into ``tmp_path / "run"``, probing facts it knows."""
+    return LifelongSettings(
+        model=str(tiny_dir), methods=("encore",), edits=edits, batch_size=batch_size, eval_every=eval_every,
+        out=str(tmp_path / "run"), probe_data=str(facts_the_model_knows(tiny_dir, shared_data, tmp_path)),
+        config={"layers": [1, 2], "stats_n_tokens": 2048, "v_num_grad_steps": 3, "n_context_templates": 2},
+        evaluation=EvalSettings(**evaluation))
+
+
 def test_tiny_run_resumes_and_writes_logs_plots_and_summary(tiny_dir, shared_data, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_ENCORE_CACHE", str(tmp_path / "cache"))
-    settings = LifelongSettings(
-        model=str(tiny_dir), methods=("encore",), edits=10, batch_size=5, eval_every=10, out=str(tmp_path / "run"),
-        probe_data=str(facts_the_model_knows(tiny_dir, shared_data, tmp_path)),
-        config={"layers": [1, 2], "stats_n_tokens": 2048, "v_num_grad_steps": 3, "n_context_templates": 2},
-        evaluation=EvalSettings(downstream_tasks=("sst2",), downstream_items=4, downstream_shots=1,
-                                perplexity_tokens=256, known_facts=5, edited_sample=6,
-                                fluency_sample=3))
+    settings = tiny_run_settings(tiny_dir, shared_data, tmp_path, edits=10, batch_size=5, eval_every=10,
+                                 downstream_tasks=("sst2",), downstream_items=4, downstream_shots=1,
+                                 perplexity_tokens=256, known_facts=5, edited_sample=6, fluency_sample=3)
     out = run(settings, progress=False)
     log_path = out / "encore" / "log.jsonl"
     first = [json.loads(line) for line in log_path.read_text().splitlines()]
