@@ -192,7 +192,7 @@ def plots(runs: dict[str, Any], folder: Path, model: str) -> None:
         style = dict(marker="o", label=name, linewidth=2.5 if name == "defaults" else 1.2)
         line, = axes[0].plot(edits, ppl, **style)
         axes[1].plot(edits, kept, **style)
-        if run["final"]:  # the trade-off: edit score against what the model kept, both at the end of the run
+        if run["final"] and kept[-1] is not None:  # the trade-off: edit score against facts kept, at the end
             axes[2].scatter(run["final"]["S"], kept[-1], color=line.get_color())
             axes[2].annotate(name, (run["final"]["S"], kept[-1]), fontsize=7, xytext=(3, 3),
                              textcoords="offset points")
