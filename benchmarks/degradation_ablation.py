@@ -18,6 +18,7 @@ perplexity and retained knowledge against edits for every configuration.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -49,6 +50,7 @@ CONFIGURATIONS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 }
 
 
+@functools.cache  # read once per model: every command and the JSON ask for it
 def baseline(model: str) -> dict[str, Any]:
     """hf_encore's ENCORE defaults when this ablation began, written out: the settings it went on to change keep the
     values they had then (λ_p 1; C₀ from max(10,000, 10·d_k) tokens), so every configuration means what it meant

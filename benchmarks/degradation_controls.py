@@ -1,7 +1,7 @@
 """Why do known facts go? Controls on a finished lifelong run: is it the size of the edits or their direction?
 
-    python benchmarks/degradation_controls.py --run runs/ablation-smollm2/defaults runs/ablation-smollm2/preservation-4 \\
-        --json docs/results/degradation-controls-smollm2.json
+    python benchmarks/degradation_controls.py --run runs/ablation-smollm2/defaults \\
+        runs/ablation-smollm2/preservation-4 --json docs/results/degradation-controls-smollm2.json
 
 Reads each finished lifelong run (``hf_encore.apps.lifelong``: settings, probe facts, last saved adapter) and measures,
 on the run's probe facts (facts the unedited model knew, never edited):
@@ -27,8 +27,9 @@ from pathlib import Path
 import torch
 
 from hf_encore import from_pretrained, load_model
-from hf_encore.editing.tracing import ModelAccess
-from hf_encore.evaluation.scoring import score_continuations
+from hf_encore.editing.stats import second_moments
+from hf_encore.evaluation.degradation import edited_layers
+from hf_encore.evaluation.scoring import pad_token_id, score_continuations
 
 from common import data_path, machine, write_json
 
@@ -44,34 +45,11 @@ def kept_and_logprob(model, tokenizer, probe: list[dict]) -> tuple[list[bool], l
     return [bool(c.all()) for c in scores.token_correct], [float(lp.sum()) for lp in scores.token_logprobs]
 
 
-def edited_modules(model) -> dict[int, torch.nn.Module]:
-    tuner = model.base_model
-    config = tuner.peft_config["default"]
-    access = ModelAccess(tuner.model, tuner._layout(config))
-    return {layer: access.w_out(layer) for layer in config.layers}
-
-
-def key_moments(model, modules: dict[int, torch.nn.Module], token_lists: list[list[int]]) -> dict[int, torch.Tensor]:
-    """Per layer, the uncentred second moment of W_out's inputs over every token of ``token_lists``. → [d_k, d_k]."""
-    sums: dict[int, torch.Tensor] = {}
-    count = 0
-
-    def hook(layer):
-        def record(_module, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
-            sums[layer] = sums.get(layer, 0) + x.T @ x
-        return record
-
-    handles = [m.register_forward_pre_hook(hook(layer)) for layer, m in modules.items()]
-    try:
-        with model.disable_adapter():
-            for ids in token_lists:
-                model(input_ids=torch.tensor([ids]))
-                count += len(ids)
-    finally:
-        for h in handles:
-            h.remove()
-    return {layer: s / count for layer, s in sums.items()}
+def key_moments(model, access, layers: list[int], token_lists: list[list[int]], pad_id: int) -> dict[int, torch.Tensor]:
+    """Per layer, the unedited model's uncentred second moment of W_out's inputs over ``token_lists`` (the step
+    that measures C₀). → [d_k, d_k]."""
+    with model.disable_adapter():
+        return second_moments(access, token_lists, layers, pad_id, max_tokens=4096, progress=False)[0]
 
 
 def relative_disturbance(delta: torch.Tensor, base: torch.Tensor, moment: torch.Tensor) -> float:
@@ -95,7 +73,7 @@ def analyse(run: Path, method: str, seeds: int, text_tokens: int) -> dict:
     state = json.loads((adapter / "encore_state.json").read_text())
     base, tokenizer = load_model(settings["model"])
     model = from_pretrained(base, adapter, tokenizer=tokenizer, corpus=settings.get("corpus"))
-    modules = edited_modules(model)
+    access, modules = edited_layers(model)
     deltas = {layer: m.encore_delta["default"].data.clone() for layer, m in modules.items()}
 
     with model.disable_adapter():
@@ -135,8 +113,9 @@ def analyse(run: Path, method: str, seeds: int, text_tokens: int) -> dict:
     text = data_path("corpus", "wikitext-2-test.txt").read_text()
     ids = tokenizer(text[: 20 * text_tokens])["input_ids"][:text_tokens]
     text_tokens_lists = [ids[i: i + 256] for i in range(0, len(ids), 256)]
-    probe_moment = key_moments(model, modules, probe_tokens)
-    text_moment = key_moments(model, modules, text_tokens_lists)
+    pad_id, layers = pad_token_id(tokenizer), list(modules)
+    probe_moment = key_moments(model, access, layers, probe_tokens, pad_id)
+    text_moment = key_moments(model, access, layers, text_tokens_lists, pad_id)
     disturbance = {}
     for layer, m in modules.items():
         w0 = m.original_weight

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_lifelong import tiny_run_settings
 
 from hf_encore.apps.lifelong import run
-from test_lifelong import tiny_run_settings
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))

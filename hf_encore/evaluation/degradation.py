@@ -68,17 +68,25 @@ def retained_knowledge(model, tokenizer, facts: Sequence[dict[str, Any]]) -> flo
     return float((accuracy == 1.0).float().mean())
 
 
-@torch.no_grad()
-def weight_norms(model, adapter_name: str = "default") -> dict[int, dict[str, float]]:
-    """Per edited layer: ‖W₀ + ΔW‖_F / ‖W₀‖_F for the adapter's delta ΔW, and ‖ΔW‖_F."""
+def edited_layers(model, adapter_name: str = "default") -> tuple[ModelAccess, dict[int, Linear]]:
+    """The model's :class:`ModelAccess` and, per layer the adapter edits, its wrapped W_out (holding the delta)."""
     tuner = getattr(model, "base_model", model)
     config = tuner.peft_config[adapter_name]
     access = ModelAccess(tuner.model, tuner._layout(config))
-    norms = {}
+    modules = {}
     for layer in config.layers:
         module = access.w_out(layer)
         if not isinstance(module, Linear) or adapter_name not in module.encore_delta:
             raise ValueError(f"layer {layer} carries no delta of adapter {adapter_name!r}")
+        modules[layer] = module
+    return access, modules
+
+
+@torch.no_grad()
+def weight_norms(model, adapter_name: str = "default") -> dict[int, dict[str, float]]:
+    """Per edited layer: ‖W₀ + ΔW‖_F / ‖W₀‖_F for the adapter's delta ΔW, and ‖ΔW‖_F."""
+    norms = {}
+    for layer, module in edited_layers(model, adapter_name)[1].items():
         base = module.original_weight.double()
         delta = module.get_delta_weight(adapter_name).double()
         norms[layer] = {"norm_ratio": float((base + delta).norm() / base.norm()), "delta_norm": float(delta.norm())}
