@@ -47,6 +47,9 @@ CONFIGURATIONS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "mpes-k0": ({"mpes_extra_steps": 0}, {}),
     "mpes-k5": ({"mpes_extra_steps": 5}, {}),  # targets pushed further past the first correct step
     "batch-25": ({}, {"batch_size": 25}),
+    # the defaults this ablation chose (λ_p 2; C₀ from the library's rule, stats_n_tokens None → 40·d_k of a corpus),
+    # for checking them on other models against the baseline
+    "new-defaults": ({"preservation_weight": 2.0, "stats_n_tokens": None}, {}),
 }
 
 

@@ -43,7 +43,7 @@ SMALL = [
     (r"--requests \d+", "--requests 2"),
     (r"(sweep\.py.*)", r"\1 --known-facts 4"),
     (r"(degradation_ablation\.py.*)",
-     r"\1 --configs defaults norm-0.2 --perplexity-tokens 400 --edited-sample 2 --known-facts 4"),
+     r"\1 --configs defaults new-defaults --perplexity-tokens 400 --edited-sample 2 --known-facts 4"),
     (r"(--vary \S+ \S+)(?: (?!--)\S+)+", r"\1"),  # one value per varied setting
     (r"python benchmarks/", f"python {ROOT}/benchmarks/"),
     (r"\.venv/bin/", f"{BIN}/"),
