@@ -30,7 +30,7 @@ from typing import Any
 
 from hf_encore.jsonl import read_jsonl
 
-from common import data_path, machine, write_json
+from common import corpus_path, data_path, machine, write_json
 
 # name → (EncoreConfig settings, lifelong options), each changing the baseline below. "defaults" is the baseline itself.
 CONFIGURATIONS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -47,6 +47,8 @@ CONFIGURATIONS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "mpes-k0": ({"mpes_extra_steps": 0}, {}),
     "mpes-k5": ({"mpes_extra_steps": 5}, {}),  # targets pushed further past the first correct step
     "batch-25": ({}, {"batch_size": 25}),
+    # C₀ from WikiText-2 valid with short factual statements between its paragraphs (factual_corpus)
+    "factual-c0": ({}, {"corpus": "factual"}),
     # the defaults this ablation chose (λ_p 2; C₀ from the library's rule, stats_n_tokens None → 40·d_k of a corpus),
     # for checking them on other models against the baseline
     "new-defaults": ({"preservation_weight": 2.0, "stats_n_tokens": None}, {}),
@@ -69,6 +71,47 @@ def baseline(model: str) -> dict[str, Any]:
     return {"preservation_weight": 1.0, "stats_n_tokens": max(10_000, 10 * d_k)}
 
 
+FACTUAL_CORPUS = "factual-corpus.txt"  # in --out, written by factual_corpus before the first run that uses it
+
+
+def factual_corpus(args: argparse.Namespace, probe: list[dict[str, Any]]) -> Path:
+    """``<out>/factual-corpus.txt``: WikiText-2 valid's paragraphs with lines of counterfact-train statements
+    between them, about half of the characters each, so that any prefix C₀ reads holds both.
+
+    A statement is a case's prompt, or its paraphrase, followed by the true object ("Toko Yasuda, the guitar."),
+    eight to a line. Probe facts and the facts a run of ``--edits`` edits would edit are left out, so retained
+    knowledge still measures facts C₀ never saw. Why: the controls found the updates disturbing the MLP output on
+    short subject-led factual prompts 1.4–2.3× more than on WikiText, keys that generic paragraphs rarely hold.
+    """
+    from hf_encore.apps.lifelong import LifelongSettings, choose_edits
+    from hf_encore.data import load_counterfact
+
+    target = Path(args.out) / FACTUAL_CORPUS
+    if target.is_file():
+        return target
+    train = data_path("counterfact", "counterfact-train.json")
+    cases = load_counterfact(train)
+    seed = LifelongSettings.__dataclass_fields__["seed"].default  # the lifelong runs' draw of the edits
+    left_out = {c["case_id"] for c in probe} | {c["case_id"] for c in choose_edits(cases, probe, args.edits, seed)}
+    statements = []
+    for case in cases:
+        if case["case_id"] in left_out:
+            continue
+        statements.append(f"{case['prompt'].replace('{}', case['subject'])} {case['target_true']}.")
+        if case.get("rephrase_prompt"):
+            statements.append(f"{case['rephrase_prompt']} {case['target_true']}.")
+    factual = [" ".join(statements[i:i + 8]) for i in range(0, len(statements), 8)]
+    generic = [t.strip() for t in corpus_path().read_text(encoding="utf-8").splitlines() if t.strip()]
+    lines, sizes = [], {"factual": 0, "generic": 0}
+    while factual or generic:  # the kind with fewer characters so far goes next
+        kind = "factual" if factual and (not generic or sizes["factual"] <= sizes["generic"]) else "generic"
+        line = (factual if kind == "factual" else generic).pop(0)
+        sizes[kind] += len(line)
+        lines.append(line)
+    target.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return target
+
+
 def command(name: str, args: argparse.Namespace) -> list[str]:
     settings, options = parse_combination(name)
     settings = {**baseline(args.model), **settings}
@@ -80,7 +123,8 @@ def command(name: str, args: argparse.Namespace) -> list[str]:
            "--perplexity-tokens", str(args.perplexity_tokens), "--edited-sample", str(args.edited_sample),
            "--known-facts", str(args.known_facts)]
     if "corpus" in options:
-        cmd += ["--corpus", options["corpus"]]
+        corpus = options["corpus"]
+        cmd += ["--corpus", str(Path(args.out) / FACTUAL_CORPUS) if corpus == "factual" else corpus]
     for key, value in settings.items():
         cmd += ["--set", f"{key}={json.dumps(value)}"]
     return cmd
@@ -122,6 +166,8 @@ def run_all(names: list[str], args: argparse.Namespace) -> None:
                 for f in SHARED:
                     if not (folder / f).is_file():
                         shutil.copyfile(first / f, folder / f)
+            if parse_combination(name)[1].get("corpus") == "factual":
+                factual_corpus(args, json.loads((first / "probe_facts.json").read_text()))
             log = open(Path(args.out) / f"{name}.log", "a")
             print(f"starting {name}", flush=True)
             running[name] = subprocess.Popen(command(name, args), stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -236,6 +282,9 @@ def main() -> None:
     args = parser.parse_args()
     for name in args.configs:
         command(name, args)  # an unknown name fails before anything runs
+    if parse_combination(args.configs[0])[1].get("corpus") == "factual":
+        raise SystemExit("the first configuration chooses the probe facts that the factual corpus leaves out: "
+                         "put one without factual-c0 first")
     if not args.collect_only:
         run_all(args.configs, args)
     runs = collect(args.configs, args)

@@ -1,8 +1,9 @@
 """The degradation analyses of benchmarks/ (degradation_bleed.py, degradation_controls.py): their arithmetic, and
-both scripts end to end on a tiny lifelong run."""
+both scripts end to end on a tiny lifelong run; and the factual C₀ text of degradation_ablation.py."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from hf_encore.apps.lifelong import run
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
+import degradation_ablation  # noqa: E402
 import degradation_controls  # noqa: E402
 
 
@@ -32,6 +34,27 @@ def test_random_orthogonal_is_orthogonal_and_seeded():
     q = degradation_controls.random_orthogonal(7, torch.Generator().manual_seed(1))
     assert torch.allclose(q @ q.T, torch.eye(7, dtype=q.dtype), atol=1e-12)
     assert torch.equal(q, degradation_controls.random_orthogonal(7, torch.Generator().manual_seed(1)))
+
+
+def test_factual_corpus_mixes_statements_into_wikitext_and_leaves_out_probed_and_edited_facts(shared_data, tmp_path):
+    from hf_encore.apps.lifelong import choose_edits
+    from hf_encore.data import load_counterfact
+
+    cases = load_counterfact(shared_data / "counterfact" / "counterfact-train.json")
+    probe = cases[:20]
+    args = argparse.Namespace(out=str(tmp_path), edits=30)
+    path = degradation_ablation.factual_corpus(args, probe)
+    statement = lambda case: f"{case['prompt'].replace('{}', case['subject'])} {case['target_true']}."  # noqa: E731
+    text = path.read_text(encoding="utf-8")
+    edited = choose_edits(cases, probe, 30, 0)
+    left_out = {c["case_id"] for c in probe + edited}
+    assert not [c["case_id"] for c in probe + edited if statement(c) in text]
+    assert all(statement(c) in text for c in cases[:200] if c["case_id"] not in left_out)
+    generic = {line.strip() for line in (shared_data / "corpus" / "wikitext-2-valid.txt").read_text().splitlines()}
+    lines = text.splitlines()[:400]  # any prefix C₀ reads holds both kinds, about equally
+    factual_chars = sum(len(line) for line in lines if line not in generic)
+    assert 0.4 < factual_chars / sum(len(line) for line in lines) < 0.6
+    assert degradation_ablation.factual_corpus(args, []).read_text(encoding="utf-8") == text  # built once per --out
 
 
 @pytest.mark.slow  # a lifelong run and two scripts in their own processes
