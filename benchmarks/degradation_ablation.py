@@ -11,8 +11,8 @@ The reported edit set (counterfact-edit) is never used. Downstream tasks and flu
 than the edits here and the lifelong runs in docs/results.md measure them.
 
 Runs are resumable (run the same command again: each continues where it stopped) and ``--jobs`` of them run at
-once, each in its own process with one thread. ``--json`` collects every run's evaluations, and ``--plots`` draws
-perplexity and retained knowledge against edits for every configuration.
+once, each in its own process with ``--threads`` threads (one by default). ``--json`` collects every run's
+evaluations, and ``--plots`` draws perplexity and retained knowledge against edits for every configuration.
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def run_all(names: list[str], args: argparse.Namespace) -> None:
     """
     pending = list(names)
     running: dict[str, subprocess.Popen] = {}
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     first = Path(args.out) / names[0]
     Path(args.out).mkdir(parents=True, exist_ok=True)
     while pending or running:
@@ -270,6 +270,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="threads per run (with --jobs 1 on a small machine: every core for the one run)")
     parser.add_argument("--perplexity-tokens", type=int, default=10_000,
                         help="held-out tokens perplexity is measured on (the lifelong runs use 20,000)")
     parser.add_argument("--known-facts", type=int, default=200, help="probe facts for retained knowledge")
