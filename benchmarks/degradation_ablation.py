@@ -91,7 +91,7 @@ def factual_corpus(args: argparse.Namespace, probe: list[dict[str, Any]]) -> Pat
         return target
     train = data_path("counterfact", "counterfact-train.json")
     cases = load_counterfact(train)
-    seed = LifelongSettings.__dataclass_fields__["seed"].default  # the lifelong runs' draw of the edits
+    seed = LifelongSettings.seed  # the default seed: the lifelong runs' draw of the edits
     left_out = {c["case_id"] for c in probe} | {c["case_id"] for c in choose_edits(cases, probe, args.edits, seed)}
     statements = []
     for case in cases:
@@ -110,6 +110,10 @@ def factual_corpus(args: argparse.Namespace, probe: list[dict[str, Any]]) -> Pat
         lines.append(line)
     target.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return target
+
+
+def uses_factual_corpus(name: str) -> bool:
+    return parse_combination(name)[1].get("corpus") == "factual"
 
 
 def command(name: str, args: argparse.Namespace) -> list[str]:
@@ -166,7 +170,7 @@ def run_all(names: list[str], args: argparse.Namespace) -> None:
                 for f in SHARED:
                     if not (folder / f).is_file():
                         shutil.copyfile(first / f, folder / f)
-            if parse_combination(name)[1].get("corpus") == "factual":
+            if uses_factual_corpus(name):
                 factual_corpus(args, json.loads((first / "probe_facts.json").read_text()))
             log = open(Path(args.out) / f"{name}.log", "a")
             print(f"starting {name}", flush=True)
@@ -284,7 +288,7 @@ def main() -> None:
     args = parser.parse_args()
     for name in args.configs:
         command(name, args)  # an unknown name fails before anything runs
-    if parse_combination(args.configs[0])[1].get("corpus") == "factual":
+    if uses_factual_corpus(args.configs[0]):
         raise SystemExit("the first configuration chooses the probe facts that the factual corpus leaves out: "
                          "put one without factual-c0 first")
     if not args.collect_only:
