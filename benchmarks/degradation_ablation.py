@@ -85,6 +85,7 @@ def factual_corpus(args: argparse.Namespace, probe: list[dict[str, Any]]) -> Pat
     """
     from hf_encore.apps.lifelong import LifelongSettings, choose_edits
     from hf_encore.data import load_counterfact
+    from hf_encore.editing.corpus import fact_statements, interleave_texts
 
     target = Path(args.out) / FACTUAL_CORPUS
     if target.is_file():
@@ -93,21 +94,9 @@ def factual_corpus(args: argparse.Namespace, probe: list[dict[str, Any]]) -> Pat
     cases = load_counterfact(train)
     seed = LifelongSettings.seed  # the default seed: the lifelong runs' draw of the edits
     left_out = {c["case_id"] for c in probe} | {c["case_id"] for c in choose_edits(cases, probe, args.edits, seed)}
-    statements = []
-    for case in cases:
-        if case["case_id"] in left_out:
-            continue
-        statements.append(f"{case['prompt'].replace('{}', case['subject'])} {case['target_true']}.")
-        if case.get("rephrase_prompt"):
-            statements.append(f"{case['rephrase_prompt']} {case['target_true']}.")
-    factual = [" ".join(statements[i:i + 8]) for i in range(0, len(statements), 8)]
-    generic = [t.strip() for t in corpus_path().read_text(encoding="utf-8").splitlines() if t.strip()]
-    lines, sizes = [], {"factual": 0, "generic": 0}
-    while factual or generic:  # the kind with fewer characters so far goes next
-        kind = "factual" if factual and (not generic or sizes["factual"] <= sizes["generic"]) else "generic"
-        line = (factual if kind == "factual" else generic).pop(0)
-        sizes[kind] += len(line)
-        lines.append(line)
+    facts = [case for case in cases if case["case_id"] not in left_out]
+    generic = [line.strip() for line in corpus_path().read_text(encoding="utf-8").splitlines()]
+    lines = interleave_texts(fact_statements(facts), generic)
     target.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return target
 
@@ -239,12 +228,14 @@ def plots(runs: dict[str, Any], folder: Path, model: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for name, run in runs.items():
+    colours = plt.get_cmap("tab20").colors  # more configurations than the default cycle's ten colours
+    for i, (name, run) in enumerate(runs.items()):
         points = [(e["num_edits"], e["perplexity"], e["retained"]) for e in run["evaluations"]]
         if not points:
             continue
         edits, ppl, kept = zip(*points)
-        style = dict(marker="o", label=name, linewidth=2.5 if name == "defaults" else 1.2)
+        style = dict(marker="o", label=name, linewidth=2.5 if name == "defaults" else 1.2,
+                     color=colours[2 * i % 20 + 2 * i // 20 % 2])  # dark shades first, then light ones
         line, = axes[0].plot(edits, ppl, **style)
         axes[1].plot(edits, kept, **style)
         if run["final"] and kept[-1] is not None:  # the trade-off: edit score against facts kept, at the end

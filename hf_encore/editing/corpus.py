@@ -9,7 +9,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence, Union
+from typing import Any, Iterable, Mapping, Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -111,6 +111,66 @@ def read_corpus(corpus: Corpus, tokenizer=None, n_tokens: int | None = None) -> 
     if not texts:
         raise ValueError("the statistics corpus holds no text")
     return CorpusTexts(texts, _content_id(texts), description)
+
+
+# The fields a fact record names its true object under, in the order looked for: the library's own and
+# CounterFact's (EasyEdit schema), then a plain "target".
+TRUE_OBJECT_FIELDS = ("target_true", "ground_truth", "target")
+
+
+def fact_statements(facts: Iterable[Mapping[str, Any]], per_text: int = 8) -> list[str]:
+    """Short factual sentences for C₀, ``per_text`` to a text: each fact's prompt with its subject filled in,
+    followed by the true object ("Toko Yasuda, the guitar."), and its ``rephrase_prompt`` (a full sentence, as in
+    CounterFact) followed by the same object where there is one.
+
+    A fact is a mapping with ``prompt`` (holding ``{}`` for the subject, or the subject itself), ``subject`` and
+    the true object under one of :data:`TRUE_OBJECT_FIELDS`: CounterFact cases as
+    :func:`hf_encore.data.load_counterfact` returns them, or the facts a user wants kept. Why: generic text rarely
+    holds the keys of short subject-led statements, which are what a fact's lookup reads, so C₀ from generic text
+    alone protects them poorly (docs/results.md, "Degradation ablation"); mix them with generic text by
+    :func:`interleave_texts`.
+    """
+    if per_text < 1:
+        raise ValueError(f"per_text must be at least 1, got {per_text}")
+    statements = []
+    for i, fact in enumerate(facts):
+        if not isinstance(fact, Mapping):
+            raise TypeError(f"fact {i}: expected a mapping with prompt, subject and a true object, "
+                            f"got {type(fact).__name__}")
+        prompt, subject = fact.get("prompt"), fact.get("subject")
+        true_object = next((fact[k] for k in TRUE_OBJECT_FIELDS if isinstance(fact.get(k), str)), None)
+        if not isinstance(prompt, str) or not isinstance(subject, str) or true_object is None:
+            raise ValueError(f"fact {i}: needs string fields prompt, subject and one of "
+                             f"{', '.join(TRUE_OBJECT_FIELDS)}; has {sorted(fact)}")
+        if "{}" not in prompt and subject not in prompt:
+            raise ValueError(f"fact {i}: its prompt holds neither '{{}}' nor the subject {subject!r}")
+        statements.append(f"{prompt.replace('{}', subject, 1).strip()} {true_object.strip()}.")
+        if isinstance(fact.get("rephrase_prompt"), str) and fact["rephrase_prompt"].strip():
+            statements.append(f"{fact['rephrase_prompt'].strip()} {true_object.strip()}.")
+    return [" ".join(statements[i:i + per_text]) for i in range(0, len(statements), per_text)]
+
+
+def interleave_texts(*sources: Sequence[str]) -> list[str]:
+    """The texts of every source, each source's in its own order, the source with the fewest characters so far
+    next (ties to the earlier source): any prefix — which is what a token budget reads (:func:`packed_chunks`) —
+    holds about equal shares of each source, until the shorter ones run out.
+
+    ``interleave_texts(fact_statements(facts), read_corpus("wiki.txt").texts)`` is a C₀ corpus half factual
+    statements, half generic text, to pass as ``corpus=``.
+    """
+    queues = [[t for t in source if t.strip()] for source in sources]
+    positions = [0] * len(queues)
+    sizes = [0] * len(queues)
+    texts: list[str] = []
+    while True:
+        open_sources = [i for i, queue in enumerate(queues) if positions[i] < len(queue)]
+        if not open_sources:
+            return texts
+        i = min(open_sources, key=lambda j: (sizes[j], j))
+        text = queues[i][positions[i]]
+        positions[i] += 1
+        sizes[i] += len(text)
+        texts.append(text)
 
 
 # Bumped whenever generated_corpus would produce other text for the same seed and size, so that statistics cached
