@@ -204,6 +204,21 @@ def collect(names: list[str], args: argparse.Namespace) -> dict[str, Any]:
     return runs
 
 
+def kept_runs(path: Path, collected: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The runs already in ``--json`` that this call did not collect, so that a configuration run later (or on
+    another machine, with the earlier runs' folders gone) joins the earlier ones instead of replacing them. Only
+    runs of the same protocol are kept: a file for another model, number of edits or batch size is an error."""
+    if not path.is_file():
+        return {}
+    earlier = json.loads(path.read_text(encoding="utf-8"))
+    protocol = {"model": args.model, "edits": args.edits, "batch_size": args.batch_size, "eval_every": args.eval_every}
+    differing = {k: (earlier.get(k), v) for k, v in protocol.items() if earlier.get(k) != v}
+    if differing:
+        raise SystemExit(f"{path} holds runs of another protocol ({differing}, as (file, now)): "
+                         "write these runs to another --json")
+    return {name: run for name, run in earlier.get("runs", {}).items() if name not in collected}
+
+
 def table(runs: dict[str, Any]) -> str:
     lines = ["| configuration | edits | perplexity (unedited) | retained | ES | PS | NS | S | max ‖W‖/‖W₀‖ | s/edit |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -286,6 +301,8 @@ def main() -> None:
     if not args.collect_only:
         run_all(args.configs, args)
     runs = collect(args.configs, args)
+    if args.json:
+        runs = kept_runs(Path(args.json), runs, args) | runs
     print(table(runs))
     if args.json:
         write_json(args.json, {"model": args.model, "baseline": baseline(args.model), "edits": args.edits,

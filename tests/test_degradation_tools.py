@@ -57,6 +57,18 @@ def test_factual_corpus_mixes_statements_into_wikitext_and_leaves_out_probed_and
     assert degradation_ablation.factual_corpus(args, []).read_text(encoding="utf-8") == text  # built once per --out
 
 
+def test_ablation_json_keeps_earlier_runs_of_the_same_protocol_and_refuses_another(tmp_path):
+    args = argparse.Namespace(model="m", edits=300, batch_size=100, eval_every=100)
+    path = tmp_path / "ablation.json"
+    assert degradation_ablation.kept_runs(path, {}, args) == {}  # no file yet: nothing to keep
+    path.write_text(json.dumps({"model": "m", "edits": 300, "batch_size": 100, "eval_every": 100,
+                                "runs": {"defaults": {"old": 1}, "c0-rule": {"old": 2}}}))
+    # a configuration collected now replaces its earlier figures; the others stay
+    assert degradation_ablation.kept_runs(path, {"c0-rule": {"new": 3}}, args) == {"defaults": {"old": 1}}
+    with pytest.raises(SystemExit, match="edits"):
+        degradation_ablation.kept_runs(path, {}, argparse.Namespace(**{**vars(args), "edits": 100}))
+
+
 @pytest.mark.slow  # a lifelong run and two scripts in their own processes
 def test_bleed_and_controls_read_a_finished_run(tiny_dir, shared_data, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_ENCORE_CACHE", str(tmp_path / "cache"))
