@@ -24,6 +24,7 @@ from .architectures import ModelLayout, get_blocks
 from .config import EncoreConfig
 from .layer import EncoreLayer
 from .placement import offloaded_value
+from .quantized import repacked_for_cpu, stored_codes
 
 TensorOrLoader = Union[torch.Tensor, Callable[[], torch.Tensor]]
 
@@ -64,7 +65,10 @@ def tensors_fingerprint(named_tensors: Iterable[tuple[str, TensorOrLoader]], sam
 
 
 def _readable(module: torch.nn.Module, attr: str, tensor: torch.Tensor) -> TensorOrLoader:
-    """``tensor`` (``module``'s own ``attr``), or, if accelerate offloaded it, a function that loads its value."""
+    """``tensor`` (``module``'s own ``attr``), or, if accelerate offloaded it, a function that loads its value (for
+    a 4-bit weight bitsandbytes repacked for its CPU kernel, one that gives the codes as loaded)."""
+    if attr == "weight" and repacked_for_cpu(module):
+        return lambda: stored_codes(module)
     if tensor.device.type != "meta":
         return tensor
     return lambda: offloaded_value(module, attr, tensor)
@@ -100,6 +104,8 @@ def base_parameters(model: torch.nn.Module) -> dict[str, TensorOrLoader]:
     for name, module in model.named_modules():
         if isinstance(module, EncoreLayer) and module.merged:
             named[f"{name}.base_layer.weight"] = module.original_weight
+        elif repacked_for_cpu(module):  # running the model must not change its fingerprint
+            named[f"{name}.weight"] = _readable(module, "weight", module.weight)
     return {name.replace(".base_layer.", "."): t for name, t in named.items() if ".encore_delta." not in name}
 
 

@@ -31,7 +31,32 @@ def _bnb_int8(module: nn.Module) -> torch.Tensor:
 def _bnb_4bit(module: nn.Module) -> torch.Tensor:
     from bitsandbytes.functional import dequantize_4bit
 
-    return dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+    codes, state = module.weight.data, module.weight.quant_state
+    if repacked_for_cpu(module):
+        codes, state = _bnb_4bit_unpacked_for_cpu(codes, state)
+    return dequantize_4bit(codes, state).float()
+
+
+def _bnb_4bit_unpacked_for_cpu(packed: torch.Tensor, state):
+    """The codes and state of a 4-bit weight that bitsandbytes (0.50 and later) repacked for its CPU kernel, in the
+    layout ``dequantize_4bit`` reads; the module's own weight and state are left as they are.
+
+    On a CPU with AVX512-BF16 the first inference forward rewrites the weight in place: codes interleaved in blocks
+    of 32 output rows, and the block scales (already dequantised if they were double-quantised) as a bf16
+    [in / blocksize, out] matrix. bitsandbytes' own inverse restores the codes, but re-quantises double-quantised
+    scales, and leaves single-quantised ones transposed; so only its code restoration is used, on a copy of the
+    state, and the scales are put back in dequantize_4bit's order here — as the kernel uses them, in bf16."""
+    import copy
+
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    scales = state.absmax  # [in / blocksize, out], bf16
+    restored = copy.copy(state)
+    restored.original_nested = False  # keep the inverse from re-quantising the scales
+    codes, restored = _convert_weight_packed_for_cpu_inverse(packed.clone(), restored)
+    restored.absmax = scales.T.reshape(-1).float()
+    restored.nested = False
+    return codes, restored
 
 
 # Quantised layer types hf_encore can edit (by class name, so that their packages need not be installed):
@@ -59,6 +84,21 @@ def check_editable(module: nn.Module) -> None:
             f"W_out is a {type(module).__module__}.{type(module).__name__} with a {module.weight.dtype} weight: "
             f"hf_encore can edit float layers and the quantised types {sorted(DEQUANTIZE)} (bitsandbytes), not this "
             "one. Load the base model without this quantisation to edit it.")
+
+
+def repacked_for_cpu(module: nn.Module) -> bool:
+    """Whether bitsandbytes rewrote ``module``'s 4-bit weight into its CPU kernel's layout (see
+    :func:`_bnb_4bit_unpacked_for_cpu`)."""
+    quant_state = getattr(getattr(module, "weight", None), "quant_state", None)
+    return bool(getattr(quant_state, "packing_format_for_cpu", False))
+
+
+def stored_codes(module: nn.Module) -> torch.Tensor:
+    """``module``'s weight as it was loaded: the quantised codes in their stored layout, even after bitsandbytes
+    repacked them for its CPU kernel (what fingerprints hash, so that running the model does not change them)."""
+    if repacked_for_cpu(module):
+        return _bnb_4bit_unpacked_for_cpu(module.weight.data, module.weight.quant_state)[0]
+    return module.weight
 
 
 def float_weight(module: nn.Module) -> torch.Tensor:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -232,14 +233,71 @@ def test_unreadable_quantised_w_out_is_refused_naming_its_type():
         get_encore_model(model, EncoreConfig(layers=list(TINY_LAYERS)))
 
 
-@pytest.fixture(params=["8bit", "4bit"])
-def bnb_model(request, tiny_dir):
+@pytest.fixture(scope="module")
+def wide_tiny_dir(tmp_path_factory) -> Path:
+    """A tiny Llama 64 wide: bitsandbytes' 4-bit CPU kernel needs every quantised layer's input width to be a
+    multiple of its block size (64), and its output width of 32."""
+    directory = tmp_path_factory.mktemp("wide-tiny")
+    tiny_family("llama", hidden_size=64, d_k=128).save_pretrained(directory)  # W_out: 2 scale blocks per row
+    tiny_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def load_bnb(directory: Path, bits: str, **settings):
     pytest.importorskip("bitsandbytes", reason="the quantization extra (pip install hf_encore[quantization])")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    quantization = BitsAndBytesConfig(load_in_8bit=True) if request.param == "8bit" else \
-        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(tiny_dir, quantization_config=quantization, device_map="cpu")
+    quantization = BitsAndBytesConfig(load_in_8bit=True) if bits == "8bit" else \
+        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, **settings)
+    return AutoModelForCausalLM.from_pretrained(directory, quantization_config=quantization, device_map="cpu")
+
+
+@pytest.fixture(params=["8bit", "4bit"])
+def bnb_model(request, wide_tiny_dir):
+    return load_bnb(wide_tiny_dir, request.param)
+
+
+def repack_for_cpu(module: nn.Module) -> None:
+    """What bitsandbytes does to a 4-bit weight on the first inference forward on an AVX512-BF16 CPU, done here
+    when this CPU has not (other CPUs never repack)."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    state = module.weight.quant_state
+    if not getattr(state, "packing_format_for_cpu", False):
+        module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu(module.weight.data, state)
+    assert module.weight.quant_state.packing_format_for_cpu
+
+
+def test_running_a_bitsandbytes_base_keeps_its_fingerprint(bnb_model):
+    """Its first forward may repack 4-bit weights (above): an adapter must still attach to the model afterwards,
+    and the statistics cache still find its C₀."""
+    from hf_encore.fingerprint import measure_base
+
+    layout = resolve_layout(bnb_model)
+    before = measure_base(bnb_model, layout, TINY_LAYERS)
+    with torch.no_grad():
+        bnb_model(input_ids=tiny_tokenizer()("LeBron James plays", return_tensors="pt").input_ids)
+    for module in bnb_model.modules():
+        if type(module).__name__ == "Linear4bit":
+            repack_for_cpu(module)
+    assert measure_base(bnb_model, layout, TINY_LAYERS) == before
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_4bit_weight_repacked_for_the_cpu_kernel_reads_as_before(wide_tiny_dir, double_quant):
+    """bitsandbytes 0.50+ rewrites a 4-bit weight into its CPU kernel's layout on the first inference forward on an
+    AVX512-BF16 CPU (block scales kept in bf16): the dequantised weight must be the same matrix, to bf16 rounding
+    of the scales, and the layer must compute with it."""
+    from hf_encore.quantized import float_weight
+
+    module = load_bnb(wide_tiny_dir, "4bit", bnb_4bit_use_double_quant=double_quant).model.layers[1].mlp.down_proj
+    before = float_weight(module).clone()
+    repack_for_cpu(module)
+    assert module.weight.shape != before.shape
+    after = float_weight(module)
+    assert after.shape == before.shape
+    assert torch.allclose(after, before, rtol=2 ** -8, atol=0)  # bf16 scales: 8 significant bits
+    assert module.weight.quant_state.packing_format_for_cpu  # the module is left as it was
 
 
 def test_bitsandbytes_base_edits_with_float_deltas_and_refuses_to_merge(bnb_model, stats_cache):
