@@ -49,9 +49,9 @@ CONFIGURATIONS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "batch-25": ({}, {"batch_size": 25}),
     # C₀ from WikiText-2 valid with short factual statements between its paragraphs (factual_corpus)
     "factual-c0": ({}, {"corpus": "factual"}),
-    # C₀ from the library's rule (stats_n_tokens None → 40·d_k of a corpus) at the baseline's λ_p 1
+    # the library's ENCORE defaults: C₀ from its rule (stats_n_tokens None → 40·d_k of a corpus) at λ_p 1
     "c0-rule": ({"stats_n_tokens": None}, {}),
-    # the defaults this ablation chose (λ_p 2 and the C₀ rule), for checking them on other models against the baseline
+    # the same C₀ with λ_p 2: the defaults for a while, under the name their runs were made with
     "new-defaults": ({"preservation_weight": 2.0, "stats_n_tokens": None}, {}),
 }
 
