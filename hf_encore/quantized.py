@@ -12,6 +12,7 @@ floating point is refused when the adapter is attached, naming its type.
 
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import torch
@@ -31,10 +32,14 @@ def _bnb_int8(module: nn.Module) -> torch.Tensor:
 def _bnb_4bit(module: nn.Module) -> torch.Tensor:
     from bitsandbytes.functional import dequantize_4bit
 
-    codes, state = module.weight.data, module.weight.quant_state
+    return dequantize_4bit(*_bnb_4bit_codes(module)).float()
+
+
+def _bnb_4bit_codes(module: nn.Module):
+    """A 4-bit layer's codes and quantisation state in the layout ``dequantize_4bit`` reads."""
     if repacked_for_cpu(module):
-        codes, state = _bnb_4bit_unpacked_for_cpu(codes, state)
-    return dequantize_4bit(codes, state).float()
+        return _bnb_4bit_unpacked_for_cpu(module.weight.data, module.weight.quant_state)
+    return module.weight.data, module.weight.quant_state
 
 
 def _bnb_4bit_unpacked_for_cpu(packed: torch.Tensor, state):
@@ -46,16 +51,13 @@ def _bnb_4bit_unpacked_for_cpu(packed: torch.Tensor, state):
     [in / blocksize, out] matrix. bitsandbytes' own inverse restores the codes, but re-quantises double-quantised
     scales, and leaves single-quantised ones transposed; so only its code restoration is used, on a copy of the
     state, and the scales are put back in dequantize_4bit's order here — as the kernel uses them, in bf16."""
-    import copy
-
     from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
     scales = state.absmax  # [in / blocksize, out], bf16
     restored = copy.copy(state)
     restored.original_nested = False  # keep the inverse from re-quantising the scales
     codes, restored = _convert_weight_packed_for_cpu_inverse(packed.clone(), restored)
-    restored.absmax = scales.T.reshape(-1).float()
-    restored.nested = False
+    restored.absmax = scales.T.reshape(-1).float()  # nested is already False: repacking dequantised the scales
     return codes, restored
 
 
@@ -96,9 +98,7 @@ def repacked_for_cpu(module: nn.Module) -> bool:
 def stored_codes(module: nn.Module) -> torch.Tensor:
     """``module``'s weight as it was loaded: the quantised codes in their stored layout, even after bitsandbytes
     repacked them for its CPU kernel (what fingerprints hash, so that running the model does not change them)."""
-    if repacked_for_cpu(module):
-        return _bnb_4bit_unpacked_for_cpu(module.weight.data, module.weight.quant_state)[0]
-    return module.weight
+    return _bnb_4bit_codes(module)[0] if repacked_for_cpu(module) else module.weight
 
 
 def float_weight(module: nn.Module) -> torch.Tensor:

@@ -262,10 +262,12 @@ def repack_for_cpu(module: nn.Module) -> None:
     when this CPU has not (other CPUs never repack)."""
     from bitsandbytes.functional import _convert_weight_packed_for_cpu
 
-    state = module.weight.quant_state
-    if not getattr(state, "packing_format_for_cpu", False):
-        module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu(module.weight.data, state)
-    assert module.weight.quant_state.packing_format_for_cpu
+    from hf_encore.quantized import repacked_for_cpu
+
+    if not repacked_for_cpu(module):
+        module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu(
+            module.weight.data, module.weight.quant_state)
+    assert repacked_for_cpu(module)
 
 
 def test_running_a_bitsandbytes_base_keeps_its_fingerprint(bnb_model):
