@@ -57,10 +57,11 @@ def edit_requests(cases: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def encore_model(model: str | os.PathLike, config: EncoreConfig, *, device: str | None = None,
-                 corpus: str | os.PathLike | None = None):
-    """A freshly loaded ``model`` (a built-in name or a folder) wrapped with an adapter of ``config``, editing with
-    statistics of ``corpus`` (default: :func:`corpus_path`); returns ``(peft_model, tokenizer)``."""
-    base, tokenizer = load_model(str(model), device=device)
+                 dtype: torch.dtype | None = None, corpus: str | os.PathLike | None = None):
+    """A freshly loaded ``model`` (a built-in name or a folder; in ``dtype``, default float32) wrapped with an adapter
+    of ``config``, editing with statistics of ``corpus`` (default: :func:`corpus_path`); returns
+    ``(peft_model, tokenizer)``."""
+    base, tokenizer = load_model(str(model), device=device, dtype=dtype or torch.float32)
     peft_model = get_encore_model(base, config, tokenizer=tokenizer, corpus=corpus or corpus_path())
     return peft_model, tokenizer
 

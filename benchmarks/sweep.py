@@ -9,7 +9,8 @@ efficacy / generalisation / specificity (ES, PS, NS, S) of all edited facts, the
 unedited model knew (never edited), the largest ‖W‖/‖W₀‖, z-optimisation steps and MPES stops per edit, and time.
 The first configuration is the defaults (plus ``--set``); each ``--vary KEY V…`` adds one configuration per value,
 the others at their defaults. Results go to JSON lines, one per configuration; a rerun skips those already there
-(resumable), and the table is printed from the file.
+(resumable), and the table is printed from the file. ``--dtype bfloat16`` loads the base in bf16 (about twice as fast
+on a CPU with native bf16, and the way a larger model fits a sweep on one); each row records its dtype.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ def configurations(fixed: dict[str, Any], vary: list[list[str]]) -> list[dict[st
 
 
 def run_one(model_name: str, method: str, settings: dict[str, Any], facts: list[dict], probe: list[dict],
-            batch_size: int) -> dict[str, Any]:
-    model, tokenizer = encore_model(model_name, EncoreConfig(method=method, **settings))
+            batch_size: int, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    model, tokenizer = encore_model(model_name, EncoreConfig(method=method, **settings), dtype=dtype)
     steps = stops = 0
     seconds = 0.0
     for start in range(0, len(facts), batch_size):
@@ -88,12 +89,18 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--known-facts", type=int, default=100, help="probe facts for retained knowledge (0: none)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="the base's dtype (rows of another dtype in --out are kept apart)")
+    parser.add_argument("--threads", type=int, default=None, help="torch's CPU threads")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fixed for every run")
     parser.add_argument("--vary", action="append", nargs="+", default=[], metavar="KEY V", help="KEY V1 V2 …")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     if any(len(v) < 2 for v in args.vary):
         parser.error("--vary takes a setting and at least one value")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
     fixed = parse_settings(args.set)
     configs = configurations(fixed, args.vary)
     for c in configs:
@@ -103,32 +110,33 @@ def main() -> None:
     if len(cases) < PROBE_POOL + args.requests:
         parser.error(f"the data file has {len(cases)} cases; needs {PROBE_POOL} + {args.requests}")
     facts = random.Random(args.seed).sample(cases[PROBE_POOL:], args.requests)
-    base, tokenizer = load_model(args.model)
+    base, tokenizer = load_model(args.model, dtype=dtype)
     probe = known_facts(base, tokenizer, cases[:PROBE_POOL], args.known_facts)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = read_jsonl(out) if out.is_file() else []
-    header = {"model": args.model, "requests": args.requests, "batch_size": args.batch_size, "seed": args.seed,
-              "threads": torch.get_num_threads(), "known_facts": len(probe)}
-    if not any(r["method"] is None and r["model"] == args.model and r["requests"] == args.requests for r in done):
+    # rows of another model, request count or dtype (float32 where a row has none) are not this sweep's
+    done = [r for r in (read_jsonl(out) if out.is_file() else [])
+            if r["model"] == args.model and r["requests"] == args.requests
+            and r.get("dtype", "float32") == args.dtype]
+    header = {"model": args.model, "dtype": args.dtype, "requests": args.requests, "batch_size": args.batch_size,
+              "seed": args.seed, "threads": torch.get_num_threads(), "known_facts": len(probe)}
+    if not any(r["method"] is None for r in done):
         scores = counterfact_scores(base, tokenizer, facts)  # where the edited facts start from
         record = {**header, "settings": {}, "method": None, **{k: scores[k] for k in ("ES", "PS", "NS", "S")}}
         append_jsonl(out, record)
         done.insert(0, record)
     del base
     for settings in configs:
-        if any(r["settings"] == settings and r["method"] == args.method and r["model"] == args.model
-               and r["requests"] == args.requests for r in done):
+        if any(r["settings"] == settings and r["method"] == args.method for r in done):
             continue
         start = time.perf_counter()
-        record = {**header, **run_one(args.model, args.method, settings, facts, probe, args.batch_size),
+        record = {**header, **run_one(args.model, args.method, settings, facts, probe, args.batch_size, dtype),
                   "wall_seconds": time.perf_counter() - start}
         append_jsonl(out, record)
         done.append(record)
         print(table([record]).splitlines()[-1], flush=True)
-    mine = sorted((r for r in done if r["model"] == args.model and r["requests"] == args.requests),
-                  key=lambda r: r["method"] is not None)  # the unedited row first
+    mine = sorted(done, key=lambda r: r["method"] is not None)  # the unedited row first
     print(table(mine))
 
 
