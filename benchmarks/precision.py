@@ -20,7 +20,9 @@ mark is also reset after loading and C₀ (``/proc/self/clear_refs``) to give th
 ``--max-edit-seconds S`` stops a configuration after the batch in which its edit time passed S, and scores the
 facts edited so far (the record says how many). ``--threads`` sets torch's CPU threads in each configuration
 (1 is faster than 2 on a 2-core machine that other processes share). ``--out`` may hold ``{model}``. A rerun
-skips configurations already in the output file (resumable); ``--redo`` runs them again.
+skips configurations already in the output file (resumable); ``--redo`` runs them again. ``--set KEY=VALUE``
+fixes an ``EncoreConfig`` setting in every configuration (recorded in its ``settings``; e.g. a smaller C₀ budget or
+other layers for a large model on a CPU); a rerun with other ``--set`` values adds configurations beside the others.
 """
 
 from __future__ import annotations
@@ -222,6 +224,8 @@ def main() -> None:
     parser.add_argument("--max-edit-seconds", type=float, default=None,
                         help="stop a configuration after the batch in which its edit time passed this")
     parser.add_argument("--redo", action="store_true", help="rerun configurations already in --out")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an EncoreConfig setting fixed in every configuration, e.g. stats_n_tokens=89600")
     parser.add_argument("--out", default=None, help="JSON file; may hold {model} (default: docs/results/"
                                                     "precision-{model}.json or moments-dtype-{model}.json)")
     parser.add_argument("--out-precision", default="docs/results/precision-{model}.json",
@@ -235,8 +239,16 @@ def main() -> None:
         Path(args.result).write_text(json.dumps(result, default=float))
         return
 
+    from hf_encore.apps.options import UsageError, parse_settings
+
     from common import machine, write_json
 
+    try:
+        fixed = parse_settings(args.set)
+    except UsageError as error:
+        parser.error(str(error))
+    if args.part == "moments" and "moments_dtype" in fixed:
+        parser.error("--set moments_dtype: --part moments varies it (--moments-dtypes)")
     torch.set_num_threads(args.threads)
     stem = "precision" if args.part == "precision" else "moments-dtype"
     out_pattern = args.out or f"docs/results/{stem}-{{model}}.json"
@@ -246,12 +258,13 @@ def main() -> None:
         results = json.loads(out.read_text()) if out.is_file() else {}
         runs: list[dict[str, Any]] = results.get("runs", [])
         if args.part == "precision":
-            variants = [(dtype, {}) for dtype in args.dtypes]
+            variants = [(dtype, dict(fixed)) for dtype in args.dtypes]
         else:
-            variants = [("float32", {"moments_dtype": m}) for m in args.moments_dtypes]
+            variants = [("float32", {**fixed, "moments_dtype": m}) for m in args.moments_dtypes]
         for dtype, settings in variants:
+            tag = "-".join(f"{k}={v}" for k, v in sorted(settings.items()) if k != "moments_dtype")
             deltas = str(DELTAS_DIR / f"{model}-{dtype}-{settings.get('moments_dtype')}-{args.edits}x"
-                                      f"{args.batch_size}.pt")
+                                      f"{args.batch_size}{'-' + tag.replace(' ', '') if tag else ''}.pt")
             spec = {"model": model, "dtype": dtype, "settings": settings, "edits": args.edits,
                     "batch_size": args.batch_size, "threads": args.threads, "device": args.device,
                     "max_edit_seconds": args.max_edit_seconds, "deltas": deltas}
@@ -280,11 +293,11 @@ def main() -> None:
             results.update({"part": args.part, "model": model, "method": "encore (defaults)",
                             "data": "counterfact-train.json, the first edits_asked cases (each run's)",
                             "corpus": "corpus/wikitext-2-valid.txt", "runs": runs})
-            results["delta_relative_difference"] = comparison(runs, args)
+            results["delta_relative_difference"] = comparison(runs, args, fixed)
             write_json(out, results)
         if "runs" in results:
             runs = results["runs"] = merged(out, runs)
-            results["delta_relative_difference"] = comparison(runs, args)
+            results["delta_relative_difference"] = comparison(runs, args, fixed)
             write_json(out, results)
         print(f"\n{out}:")
         print(table(runs, args.part))
@@ -325,16 +338,23 @@ def reusable_run(spec: dict[str, Any], args) -> dict[str, Any] | None:
         if (r["dtype"] == spec["dtype"] and "error" not in r and r["edits_asked"] == spec["edits"]
                 and r["batch_size"] == spec["batch_size"] and r["edits"] == r["edits_asked"]
                 and r["moments_dtype_held"] == spec["settings"]["moments_dtype"]
-                and r.get("deltas_file") and Path(r["deltas_file"]).is_file()):
+                and r.get("deltas_file") and Path(r["deltas_file"]).is_file()
+                and r["settings"] == without_moments_dtype(spec["settings"])):
             return {**r, "settings": spec["settings"], "reused_from": str(path),
                     "reused_settings": r["settings"]}
     return None
 
 
-def comparison(runs: list[dict[str, Any]], args) -> dict[str, Any]:
+def without_moments_dtype(settings: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in settings.items() if k != "moments_dtype"}
+
+
+def comparison(runs: list[dict[str, Any]], args, fixed: dict[str, Any]) -> dict[str, Any]:
     """Relative Frobenius difference of each run's final deltas (per layer) against the reference run's: the first
-    --moments-dtypes (``--part moments``) or the float32 base (``--part precision``; only runs of the same edits)."""
-    kept = [r for r in runs if "error" not in r and r.get("deltas_file") and Path(r["deltas_file"]).is_file()]
+    --moments-dtypes (``--part moments``) or the float32 base (``--part precision``; only runs of the same edits),
+    among the runs made with this invocation's ``--set`` settings."""
+    kept = [r for r in runs if "error" not in r and r.get("deltas_file") and Path(r["deltas_file"]).is_file()
+            and without_moments_dtype(r.get("reused_settings", r["settings"])) == fixed]
     if args.part == "moments":
         name_of = lambda r: r["settings"].get("moments_dtype")  # noqa: E731
         reference = args.moments_dtypes[0]
