@@ -115,7 +115,7 @@ def command(name: str, args: argparse.Namespace) -> list[str]:
            "--batch-size", str(options.get("batch_size", args.batch_size)), "--eval-every", str(args.eval_every),
            "--out", str(Path(args.out) / name), "--tasks", "--fluency-sample", "0", "--no-progress",
            "--perplexity-tokens", str(args.perplexity_tokens), "--edited-sample", str(args.edited_sample),
-           "--known-facts", str(args.known_facts)]
+           "--known-facts", str(args.known_facts), "--precision", args.dtype]
     if "corpus" in options:
         corpus = options["corpus"]
         cmd += ["--corpus", str(Path(args.out) / FACTUAL_CORPUS) if corpus == "factual" else corpus]
@@ -211,8 +211,11 @@ def kept_runs(path: Path, collected: dict[str, Any], args: argparse.Namespace) -
     if not path.is_file():
         return {}
     earlier = json.loads(path.read_text(encoding="utf-8"))
-    protocol = {"model": args.model, "edits": args.edits, "batch_size": args.batch_size, "eval_every": args.eval_every}
-    differing = {k: (earlier.get(k), v) for k, v in protocol.items() if earlier.get(k) != v}
+    protocol = {"model": args.model, "dtype": args.dtype, "edits": args.edits, "batch_size": args.batch_size,
+                "eval_every": args.eval_every}
+    # Files written before runs had a dtype were all float32.
+    differing = {k: (earlier.get(k, "float32" if k == "dtype" else None), v) for k, v in protocol.items()
+                 if earlier.get(k, "float32" if k == "dtype" else None) != v}
     if differing:
         raise SystemExit(f"{path} holds runs of another protocol ({differing}, as (file, now)): "
                          "write these runs to another --json")
@@ -278,6 +281,9 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGURATIONS),
                         help="configuration names, or a+b for two together")
     parser.add_argument("--edits", type=int, default=300)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="the dtype the base is loaded in (bfloat16: about twice as fast on a CPU with native "
+                             "bf16)")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--jobs", type=int, default=2)
@@ -305,7 +311,8 @@ def main() -> None:
         runs = kept_runs(Path(args.json), runs, args) | runs
     print(table(runs))
     if args.json:
-        write_json(args.json, {"model": args.model, "baseline": baseline(args.model), "edits": args.edits,
+        write_json(args.json, {"model": args.model, "dtype": args.dtype, "baseline": baseline(args.model),
+                               "edits": args.edits,
                                "batch_size": args.batch_size,
                                "eval_every": args.eval_every, "machine": machine(), "runs": runs,
                                "command": " ".join(sys.argv)})

@@ -58,7 +58,7 @@ def test_factual_corpus_mixes_statements_into_wikitext_and_leaves_out_probed_and
 
 
 def test_ablation_json_keeps_earlier_runs_of_the_same_protocol_and_refuses_another(tmp_path):
-    args = argparse.Namespace(model="m", edits=300, batch_size=100, eval_every=100)
+    args = argparse.Namespace(model="m", dtype="float32", edits=300, batch_size=100, eval_every=100)
     path = tmp_path / "ablation.json"
     assert degradation_ablation.kept_runs(path, {}, args) == {}  # no file yet: nothing to keep
     path.write_text(json.dumps({"model": "m", "edits": 300, "batch_size": 100, "eval_every": 100,
@@ -67,6 +67,16 @@ def test_ablation_json_keeps_earlier_runs_of_the_same_protocol_and_refuses_anoth
     assert degradation_ablation.kept_runs(path, {"c0-rule": {"new": 3}}, args) == {"defaults": {"old": 1}}
     with pytest.raises(SystemExit, match="edits"):
         degradation_ablation.kept_runs(path, {}, argparse.Namespace(**{**vars(args), "edits": 100}))
+    # a file from before runs recorded their dtype holds float32 runs: bf16 runs go to another file
+    with pytest.raises(SystemExit, match="dtype"):
+        degradation_ablation.kept_runs(path, {}, argparse.Namespace(**{**vars(args), "dtype": "bfloat16"}))
+    path.write_text(json.dumps({"model": "m", "dtype": "bfloat16", "edits": 300, "batch_size": 100,
+                                "eval_every": 100, "runs": {"defaults": {"old": 1}}}))
+    bf16 = argparse.Namespace(**{**vars(args), "dtype": "bfloat16"})
+    assert degradation_ablation.kept_runs(path, {}, bf16) == {"defaults": {"old": 1}}
+    assert "--precision bfloat16" in " ".join(degradation_ablation.command("defaults", argparse.Namespace(
+        **{**vars(bf16), "model": "smollm2-135m", "out": str(tmp_path), "perplexity_tokens": 10, "edited_sample": 1,
+           "known_facts": 1})))
 
 
 @pytest.mark.slow  # a lifelong run and two scripts in their own processes

@@ -125,6 +125,30 @@ def test_arguments_are_checked_before_anything_runs():
         parse_args(["--set", "norm_weight"])  # not KEY=VALUE
     settings, _ = parse_args(["--device", "cpu", "--set", "max_tokens_per_forward=32768", "--set", "layers=[4, 5]"])
     assert settings.device == "cpu" and settings.config == {"max_tokens_per_forward": 32768, "layers": [4, 5]}
+    assert settings.precision == "float32"
+    with pytest.raises(SystemExit):
+        parse_args(["--precision", "int8"])
+
+
+def test_the_base_is_loaded_in_the_precision_asked(tiny_dir, shared_data, tmp_path, monkeypatch):
+    """``--precision bfloat16``: the base the run measures and edits is the bf16 model (loaded once for the unedited
+    evaluation, then once per method), not a float32 one."""
+    import hf_encore.loading as loading
+
+    loaded: list[torch.dtype] = []
+    real_load = loading.load_model
+
+    def recording_load(*args, **kwargs):
+        model, tokenizer = real_load(*args, **kwargs)
+        loaded.append(next(model.parameters()).dtype)
+        raise KeyboardInterrupt  # enough seen: stop before any evaluation
+
+    settings, _ = parse_args(["--model", str(tiny_dir), "--methods", "encore", "--precision", "bfloat16",
+                              "--out", str(tmp_path / "run")])
+    monkeypatch.setattr(loading, "load_model", recording_load)
+    with pytest.raises(KeyboardInterrupt):
+        run(settings, progress=False)
+    assert loaded == [torch.bfloat16]
 
 
 def test_an_interrupted_evaluation_continues_from_the_measures_it_finished(tmp_path, monkeypatch):

@@ -63,6 +63,7 @@ class LifelongSettings:
     seed: int = 0
     out: str = "runs/lifelong"
     device: str | None = None  # e.g. "cuda"; default: where transformers loads the model (the CPU)
+    precision: str = "float32"  # the dtype the base is loaded in (a resumed run must keep it: the adapter records it)
     config: dict[str, Any] = field(default_factory=dict)  # EncoreConfig settings for every method
     evaluation: EvalSettings = field(default_factory=EvalSettings)
 
@@ -180,6 +181,8 @@ def evaluate_point(model, tokenizer, *, edited: Sequence[dict], probe: Sequence[
 
 def run(settings: LifelongSettings, progress: bool = True) -> Path:
     """Run (or continue) the benchmark; returns the output directory."""
+    import torch
+
     from .. import from_pretrained, get_encore_model
     from ..data import load_counterfact
     from ..evaluation import counterfact_scores, generated_fluency, known_facts, weight_norms
@@ -191,7 +194,7 @@ def run(settings: LifelongSettings, progress: bool = True) -> Path:
     (out / "settings.json").write_text(json.dumps(asdict(settings), indent=1, default=str))
     texts = perplexity_texts(ppl_path)
     ev = settings.evaluation
-    base, tokenizer = load_model(settings.model, device=settings.device)
+    base, tokenizer = load_model(settings.model, device=settings.device, dtype=getattr(torch, settings.precision))
     probe_file = out / "probe_facts.json"
     if probe_file.is_file():
         probe = json.loads(probe_file.read_text())
@@ -224,7 +227,7 @@ def run(settings: LifelongSettings, progress: bool = True) -> Path:
         method_dir.mkdir(exist_ok=True)
         log_path = method_dir / "log.jsonl"
         adapter_dir = method_dir / "adapter"
-        base, tokenizer = load_model(settings.model, device=settings.device)
+        base, tokenizer = load_model(settings.model, device=settings.device, dtype=getattr(torch, settings.precision))
         if (adapter_dir / "encore_state.json").is_file():
             model = from_pretrained(base, adapter_dir, tokenizer=tokenizer, corpus=corpus)
             done = model.base_model.edit_states["default"].num_edits
@@ -404,6 +407,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[LifelongSettings, boo
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--out", default=d.out)
     parser.add_argument("--device", default=d.device, help="e.g. cuda (default: the CPU)")
+    parser.add_argument("--precision", choices=["float32", "bfloat16", "float16"], default=d.precision,
+                        help="dtype the base model's weights are loaded in (default float32)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="an EncoreConfig setting for every method, as JSON (e.g. --set norm_weight=0.1)")
     parser.add_argument("--tasks", nargs="*", default=list(e.downstream_tasks))
@@ -426,7 +431,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[LifelongSettings, boo
     settings = LifelongSettings(
         model=args.model, methods=tuple(args.methods), data=args.data, probe_data=args.probe_data,
         corpus=args.corpus, edits=args.edits, batch_size=args.batch_size, eval_every=args.eval_every,
-        seed=args.seed, out=args.out, device=args.device, config=config,
+        seed=args.seed, out=args.out, device=args.device, precision=args.precision, config=config,
         evaluation=EvalSettings(tuple(args.tasks), args.downstream_items, e.downstream_shots, args.perplexity_tokens,
                                 args.known_facts, args.edited_sample, args.fluency_sample))
     for method in settings.methods:
