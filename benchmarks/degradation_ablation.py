@@ -213,9 +213,8 @@ def kept_runs(path: Path, collected: dict[str, Any], args: argparse.Namespace) -
     earlier = json.loads(path.read_text(encoding="utf-8"))
     protocol = {"model": args.model, "dtype": args.dtype, "edits": args.edits, "batch_size": args.batch_size,
                 "eval_every": args.eval_every}
-    # Files written before runs had a dtype were all float32.
-    differing = {k: (earlier.get(k, "float32" if k == "dtype" else None), v) for k, v in protocol.items()
-                 if earlier.get(k, "float32" if k == "dtype" else None) != v}
+    recorded = {"dtype": "float32", **earlier}  # files written before runs had a dtype were all float32
+    differing = {k: (recorded.get(k), v) for k, v in protocol.items() if recorded.get(k) != v}
     if differing:
         raise SystemExit(f"{path} holds runs of another protocol ({differing}, as (file, now)): "
                          "write these runs to another --json")

@@ -23,7 +23,14 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .options import UsageError, non_negative_int, parse_settings, positive_int, positive_seconds
+from .options import (
+    UsageError,
+    add_precision_argument,
+    non_negative_int,
+    parse_settings,
+    positive_int,
+    positive_seconds,
+)
 
 EXIT_USER_ERROR = 2
 
@@ -106,8 +113,7 @@ def _add_model_args(parser: argparse.ArgumentParser, adapter_flag: bool = True) 
                              ".gguf file or a Hub id; default: the adapter's recorded base, else smollm2-135m")
     parser.add_argument("--gguf-file", default=None, help="GGUF file inside --model (a directory or Hub id)")
     parser.add_argument("--device", default=None, help="where to run, e.g. cuda (default: the CPU)")
-    parser.add_argument("--precision", choices=["float32", "bfloat16", "float16"], default="float32",
-                        help="dtype the base model's weights are loaded in (default float32)")
+    add_precision_argument(parser)
     parser.add_argument("--device-map", default=None,
                         help="dispatch the model with accelerate instead of --device: auto, balanced, sequential")
     parser.add_argument("--offload-folder", default=None, help="where --device-map may offload weights to disk")

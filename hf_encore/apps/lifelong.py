@@ -194,7 +194,8 @@ def run(settings: LifelongSettings, progress: bool = True) -> Path:
     (out / "settings.json").write_text(json.dumps(asdict(settings), indent=1, default=str))
     texts = perplexity_texts(ppl_path)
     ev = settings.evaluation
-    base, tokenizer = load_model(settings.model, device=settings.device, dtype=getattr(torch, settings.precision))
+    dtype = getattr(torch, settings.precision)
+    base, tokenizer = load_model(settings.model, device=settings.device, dtype=dtype)
     probe_file = out / "probe_facts.json"
     if probe_file.is_file():
         probe = json.loads(probe_file.read_text())
@@ -227,7 +228,7 @@ def run(settings: LifelongSettings, progress: bool = True) -> Path:
         method_dir.mkdir(exist_ok=True)
         log_path = method_dir / "log.jsonl"
         adapter_dir = method_dir / "adapter"
-        base, tokenizer = load_model(settings.model, device=settings.device, dtype=getattr(torch, settings.precision))
+        base, tokenizer = load_model(settings.model, device=settings.device, dtype=dtype)
         if (adapter_dir / "encore_state.json").is_file():
             model = from_pretrained(base, adapter_dir, tokenizer=tokenizer, corpus=corpus)
             done = model.base_model.edit_states["default"].num_edits
@@ -392,6 +393,8 @@ def plot(out: Path, unedited: dict, logs: dict[str, list[dict]]) -> None:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[LifelongSettings, bool]:
+    from .options import UsageError, add_precision_argument, parse_settings
+
     parser = argparse.ArgumentParser(prog="hf-encore bench", description=__doc__.split("\n\n")[0])
     d = LifelongSettings()
     e = EvalSettings()
@@ -407,8 +410,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[LifelongSettings, boo
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--out", default=d.out)
     parser.add_argument("--device", default=d.device, help="e.g. cuda (default: the CPU)")
-    parser.add_argument("--precision", choices=["float32", "bfloat16", "float16"], default=d.precision,
-                        help="dtype the base model's weights are loaded in (default float32)")
+    add_precision_argument(parser)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="an EncoreConfig setting for every method, as JSON (e.g. --set norm_weight=0.1)")
     parser.add_argument("--tasks", nargs="*", default=list(e.downstream_tasks))
@@ -420,8 +422,6 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[LifelongSettings, boo
                         help="edited facts whose prompts measure fluency at the end (0: none)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    from .options import UsageError, parse_settings
-
     try:
         config = parse_settings(args.set)
     except UsageError as err:

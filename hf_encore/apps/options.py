@@ -18,6 +18,12 @@ class UsageError(ValueError):
     """A problem with what the user asked for, reported as one line."""
 
 
+def add_precision_argument(parser: argparse.ArgumentParser) -> None:
+    """``--precision``: the dtype the base model's weights are loaded in (every command that loads a model)."""
+    parser.add_argument("--precision", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="dtype the base model's weights are loaded in (default float32)")
+
+
 def parse_value(text: str) -> Any:
     """A setting's value from the command line: JSON (``0.1``, ``false``, ``[4, 8]``), else the string itself."""
     try:
