@@ -221,6 +221,14 @@ def kept_runs(path: Path, collected: dict[str, Any], args: argparse.Namespace) -
     return {name: run for name, run in earlier.get("runs", {}).items() if name not in collected}
 
 
+def kept_commands(path: Path, this: str) -> list[str]:
+    """Every command that wrote into ``path``, oldest first, ending with ``this``: its runs were made by several
+    calls (one per configuration or two), and the file should say how each of them was started."""
+    earlier = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    commands = earlier.get("commands") or ([earlier["command"]] if "command" in earlier else [])
+    return [c for c in commands if c != this] + [this]
+
+
 def table(runs: dict[str, Any]) -> str:
     lines = ["| configuration | edits | perplexity (unedited) | retained | ES | PS | NS | S | max ‖W‖/‖W₀‖ | s/edit |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -314,7 +322,7 @@ def main() -> None:
                                "edits": args.edits,
                                "batch_size": args.batch_size,
                                "eval_every": args.eval_every, "machine": machine(), "runs": runs,
-                               "command": " ".join(sys.argv)})
+                               "commands": kept_commands(Path(args.json), " ".join(sys.argv))})
     if args.plots:
         plots(runs, Path(args.plots), args.model)
 

@@ -79,6 +79,15 @@ def test_ablation_json_keeps_earlier_runs_of_the_same_protocol_and_refuses_anoth
            "known_facts": 1})))
 
 
+def test_ablation_json_keeps_every_command_that_wrote_it(tmp_path):
+    path = tmp_path / "ablation.json"
+    assert degradation_ablation.kept_commands(path, "run a") == ["run a"]
+    path.write_text(json.dumps({"command": "run a"}))  # a file from before the list: its one command is kept
+    assert degradation_ablation.kept_commands(path, "run b") == ["run a", "run b"]
+    path.write_text(json.dumps({"commands": ["run a", "run b"]}))
+    assert degradation_ablation.kept_commands(path, "run a") == ["run b", "run a"]  # once, where it last ran
+
+
 @pytest.mark.slow  # a lifelong run and two scripts in their own processes
 def test_bleed_and_controls_read_a_finished_run(tiny_dir, shared_data, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_ENCORE_CACHE", str(tmp_path / "cache"))
