@@ -204,27 +204,32 @@ def collect(names: list[str], args: argparse.Namespace) -> dict[str, Any]:
     return runs
 
 
-def kept_runs(path: Path, collected: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """The runs already in ``--json`` that this call did not collect, so that a configuration run later (or on
-    another machine, with the earlier runs' folders gone) joins the earlier ones instead of replacing them. Only
-    runs of the same protocol are kept: a file for another model, number of edits or batch size is an error."""
-    if not path.is_file():
+def read_earlier(path: Path) -> dict[str, Any]:
+    """What an earlier call wrote into ``--json`` (nothing yet: an empty dict), read once for the two below."""
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def kept_runs(earlier: dict[str, Any], collected: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The runs already in ``--json`` (``earlier``, its contents) that this call did not collect, so that a
+    configuration run later (or on another machine, with the earlier runs' folders gone) joins the earlier ones
+    instead of replacing them. Only runs of the same protocol are kept: a file for another model, number of edits
+    or batch size is an error."""
+    if not earlier:
         return {}
-    earlier = json.loads(path.read_text(encoding="utf-8"))
     protocol = {"model": args.model, "dtype": args.dtype, "edits": args.edits, "batch_size": args.batch_size,
                 "eval_every": args.eval_every}
     recorded = {"dtype": "float32", **earlier}  # files written before runs had a dtype were all float32
     differing = {k: (recorded.get(k), v) for k, v in protocol.items() if recorded.get(k) != v}
     if differing:
-        raise SystemExit(f"{path} holds runs of another protocol ({differing}, as (file, now)): "
+        raise SystemExit(f"{args.json} holds runs of another protocol ({differing}, as (file, now)): "
                          "write these runs to another --json")
     return {name: run for name, run in earlier.get("runs", {}).items() if name not in collected}
 
 
-def kept_commands(path: Path, this: str) -> list[str]:
-    """Every command that wrote into ``path``, oldest first, ending with ``this``: its runs were made by several
-    calls (one per configuration or two), and the file should say how each of them was started."""
-    earlier = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+def kept_commands(earlier: dict[str, Any], this: str) -> list[str]:
+    """Every command that wrote into ``--json`` (``earlier``, its contents), oldest first, ending with ``this``:
+    its runs were made by several calls (one per configuration or two), and the file should say how each of them
+    was started."""
     commands = earlier.get("commands") or ([earlier["command"]] if "command" in earlier else [])
     return [c for c in commands if c != this] + [this]
 
@@ -315,14 +320,15 @@ def main() -> None:
         run_all(args.configs, args)
     runs = collect(args.configs, args)
     if args.json:
-        runs = kept_runs(Path(args.json), runs, args) | runs
+        earlier = read_earlier(Path(args.json))
+        runs = kept_runs(earlier, runs, args) | runs
     print(table(runs))
     if args.json:
         write_json(args.json, {"model": args.model, "dtype": args.dtype, "baseline": baseline(args.model),
                                "edits": args.edits,
                                "batch_size": args.batch_size,
                                "eval_every": args.eval_every, "machine": machine(), "runs": runs,
-                               "commands": kept_commands(Path(args.json), " ".join(sys.argv))})
+                               "commands": kept_commands(earlier, " ".join(sys.argv))})
     if args.plots:
         plots(runs, Path(args.plots), args.model)
 

@@ -58,22 +58,23 @@ def test_factual_corpus_mixes_statements_into_wikitext_and_leaves_out_probed_and
 
 
 def test_ablation_json_keeps_earlier_runs_of_the_same_protocol_and_refuses_another(tmp_path):
-    args = argparse.Namespace(model="m", dtype="float32", edits=300, batch_size=100, eval_every=100)
     path = tmp_path / "ablation.json"
-    assert degradation_ablation.kept_runs(path, {}, args) == {}  # no file yet: nothing to keep
+    args = argparse.Namespace(model="m", dtype="float32", edits=300, batch_size=100, eval_every=100, json=str(path))
+    read = degradation_ablation.read_earlier
+    assert degradation_ablation.kept_runs(read(path), {}, args) == {}  # no file yet: nothing to keep
     path.write_text(json.dumps({"model": "m", "edits": 300, "batch_size": 100, "eval_every": 100,
                                 "runs": {"defaults": {"old": 1}, "c0-rule": {"old": 2}}}))
     # a configuration collected now replaces its earlier figures; the others stay
-    assert degradation_ablation.kept_runs(path, {"c0-rule": {"new": 3}}, args) == {"defaults": {"old": 1}}
+    assert degradation_ablation.kept_runs(read(path), {"c0-rule": {"new": 3}}, args) == {"defaults": {"old": 1}}
     with pytest.raises(SystemExit, match="edits"):
-        degradation_ablation.kept_runs(path, {}, argparse.Namespace(**{**vars(args), "edits": 100}))
+        degradation_ablation.kept_runs(read(path), {}, argparse.Namespace(**{**vars(args), "edits": 100}))
     # a file from before runs recorded their dtype holds float32 runs: bf16 runs go to another file
     with pytest.raises(SystemExit, match="dtype"):
-        degradation_ablation.kept_runs(path, {}, argparse.Namespace(**{**vars(args), "dtype": "bfloat16"}))
+        degradation_ablation.kept_runs(read(path), {}, argparse.Namespace(**{**vars(args), "dtype": "bfloat16"}))
     path.write_text(json.dumps({"model": "m", "dtype": "bfloat16", "edits": 300, "batch_size": 100,
                                 "eval_every": 100, "runs": {"defaults": {"old": 1}}}))
     bf16 = argparse.Namespace(**{**vars(args), "dtype": "bfloat16"})
-    assert degradation_ablation.kept_runs(path, {}, bf16) == {"defaults": {"old": 1}}
+    assert degradation_ablation.kept_runs(read(path), {}, bf16) == {"defaults": {"old": 1}}
     assert "--precision bfloat16" in " ".join(degradation_ablation.command("defaults", argparse.Namespace(
         **{**vars(bf16), "model": "smollm2-135m", "out": str(tmp_path), "perplexity_tokens": 10, "edited_sample": 1,
            "known_facts": 1})))
@@ -81,11 +82,12 @@ def test_ablation_json_keeps_earlier_runs_of_the_same_protocol_and_refuses_anoth
 
 def test_ablation_json_keeps_every_command_that_wrote_it(tmp_path):
     path = tmp_path / "ablation.json"
-    assert degradation_ablation.kept_commands(path, "run a") == ["run a"]
+    read = degradation_ablation.read_earlier
+    assert degradation_ablation.kept_commands(read(path), "run a") == ["run a"]
     path.write_text(json.dumps({"command": "run a"}))  # a file from before the list: its one command is kept
-    assert degradation_ablation.kept_commands(path, "run b") == ["run a", "run b"]
+    assert degradation_ablation.kept_commands(read(path), "run b") == ["run a", "run b"]
     path.write_text(json.dumps({"commands": ["run a", "run b"]}))
-    assert degradation_ablation.kept_commands(path, "run a") == ["run b", "run a"]  # once, where it last ran
+    assert degradation_ablation.kept_commands(read(path), "run a") == ["run b", "run a"]  # once, where it last ran
 
 
 @pytest.mark.slow  # a lifelong run and two scripts in their own processes
